@@ -1,0 +1,55 @@
+// Collective algorithms. They see only OpContext::exchange(): no transport, no queue.
+#pragma once
+
+#include <vector>
+
+#include "ringcc/engine/exchange.h"
+#include "ringcc/engine/op.h"
+
+namespace ringcc::algorithms {
+
+// Reusable scratch memory owned by the communicator's progress thread.
+class Scratch {
+ public:
+  char* get(int slot, size_t bytes) {
+    auto& v = buffers_[slot];
+    if (v.size() < bytes) v.resize(bytes);
+    return v.data();
+  }
+
+ private:
+  std::vector<char> buffers_[3];
+};
+
+// Tunables that come from the communicator (and can be overridden per call).
+struct Tuning {
+  size_t segment_bytes;        // frame size for pipelined algorithms
+  size_t small_message_bytes;  // allreduce/reduce/broadcast: latency algorithm at or below
+};
+
+// Element ranges of a buffer split into one chunk per rank.
+struct Partition {
+  std::vector<size_t> offset, count;  // in elements
+  static Partition even(size_t total, int n);
+  static Partition from_counts(const std::vector<size_t>& counts);
+  size_t total() const { return offset.empty() ? 0 : offset.back() + count.back(); }
+};
+
+// Building blocks (ring.cpp, recursive_doubling.cpp).
+void ring_reduce_scatter(OpContext& ctx, char* buf, const Partition& part, size_t esize, size_t segment_bytes);
+void ring_allgather(OpContext& ctx, char* buf, const Partition& part, size_t esize, size_t segment_bytes);
+void recursive_doubling_allreduce(OpContext& ctx, char* buf, char* tmp, size_t bytes);
+
+// One entry point per collective; each validates nothing (the communicator did).
+void allreduce(OpContext& ctx, const OpDesc& d, const Tuning& t, Scratch& s);
+void reduce(OpContext& ctx, const OpDesc& d, const Tuning& t, Scratch& s);
+void reduce_scatter(OpContext& ctx, const OpDesc& d, const Tuning& t, Scratch& s);
+void broadcast(OpContext& ctx, const OpDesc& d, const Tuning& t);
+void allgather(OpContext& ctx, const OpDesc& d, const Tuning& t);
+void gather(OpContext& ctx, const OpDesc& d);
+void scatter(OpContext& ctx, const OpDesc& d);
+void alltoall(OpContext& ctx, const OpDesc& d);
+void barrier(OpContext& ctx);
+void send_recv(OpContext& ctx, const OpDesc& d);
+
+}  // namespace ringcc::algorithms

@@ -1,0 +1,229 @@
+// ringcc._C: the one private native module. It speaks raw pointers, byte counts and
+// dtype codes; turning arrays and tensors into those is the Python layer's job.
+// Every call that can block releases the GIL.
+#include <pybind11/functional.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+
+#include "ringcc/common/error.h"
+#include "ringcc/engine/communicator.h"
+#include "ringcc/kernels/cpu/kernels.h"
+#include "ringcc_config.h"
+
+namespace py = pybind11;
+using namespace ringcc;
+
+namespace {
+
+PyObject* g_error = nullptr;
+PyObject* g_timeout = nullptr;
+PyObject* g_peer = nullptr;
+PyObject* g_mismatch = nullptr;
+PyObject* g_aborted = nullptr;
+
+PyObject* new_exception(py::module_& m, const char* name, py::tuple bases, const char* doc) {
+  std::string qual = std::string("ringcc._C.") + name;
+  PyObject* type = PyErr_NewExceptionWithDoc(qual.c_str(), doc, bases.ptr(), nullptr);
+  if (!type) throw py::error_already_set();
+  m.add_object(name, py::handle(type));
+  return type;
+}
+
+void register_exceptions(py::module_& m) {
+  g_error = new_exception(m, "Error", py::make_tuple(py::handle(PyExc_RuntimeError)),
+                          "A communicator failed (base of all ringcc runtime errors).");
+  py::handle err(g_error);
+  g_timeout = new_exception(m, "TimeoutError", py::make_tuple(err, py::handle(PyExc_TimeoutError)),
+                            "An operation did not complete before its timeout.");
+  g_peer = new_exception(m, "PeerError", py::make_tuple(err),
+                         "A peer died, closed its communicator or broke the protocol.");
+  g_mismatch = new_exception(m, "MismatchError", py::make_tuple(err),
+                             "Ranks called different operations (collective, dtype, count, op, root, ...).");
+  g_aborted = new_exception(m, "AbortedError", py::make_tuple(err),
+                            "The communicator was aborted and can no longer be used.");
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const TimeoutError& e) {
+      PyErr_SetString(g_timeout, e.what());
+    } catch (const PeerError& e) {
+      PyErr_SetString(g_peer, e.what());
+    } catch (const MismatchError& e) {
+      PyErr_SetString(g_mismatch, e.what());
+    } catch (const AbortedError& e) {
+      PyErr_SetString(g_aborted, e.what());
+    } catch (const Error& e) {
+      PyErr_SetString(g_error, e.what());
+    } catch (const DtypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what());
+    }
+  });
+}
+
+kernels::SimdLevel parse_simd(const std::string& s) {
+  if (s == "generic") return kernels::SimdLevel::kGeneric;
+  if (s == "avx2") return kernels::SimdLevel::kAvx2;
+  RINGCC_THROW(std::invalid_argument, "unknown SIMD level '", s, "' (generic, avx2)");
+}
+
+void* ptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "ringcc native core (private; use the ringcc package)";
+  register_exceptions(m);
+
+  py::enum_<DataType>(m, "DataType")
+      .value("float16", DataType::kFloat16)
+      .value("bfloat16", DataType::kBFloat16)
+      .value("float32", DataType::kFloat32)
+      .value("float64", DataType::kFloat64)
+      .value("int8", DataType::kInt8)
+      .value("uint8", DataType::kUInt8)
+      .value("int32", DataType::kInt32)
+      .value("int64", DataType::kInt64)
+      .value("bool", DataType::kBool);
+  py::enum_<ReduceOp>(m, "ReduceOp")
+      .value("sum", ReduceOp::kSum)
+      .value("avg", ReduceOp::kAvg)
+      .value("prod", ReduceOp::kProd)
+      .value("min", ReduceOp::kMin)
+      .value("max", ReduceOp::kMax)
+      .value("band", ReduceOp::kBand)
+      .value("bor", ReduceOp::kBor)
+      .value("bxor", ReduceOp::kBxor);
+  py::enum_<Collective>(m, "Collective")
+      .value("allreduce", Collective::kAllreduce)
+      .value("broadcast", Collective::kBroadcast)
+      .value("allgather", Collective::kAllgather)
+      .value("allgather_v", Collective::kAllgatherV)
+      .value("reduce_scatter", Collective::kReduceScatter)
+      .value("reduce", Collective::kReduce)
+      .value("gather", Collective::kGather)
+      .value("scatter", Collective::kScatter)
+      .value("alltoall", Collective::kAlltoall)
+      .value("alltoall_v", Collective::kAlltoallV)
+      .value("barrier", Collective::kBarrier)
+      .value("send_recv", Collective::kSendRecv);
+  py::enum_<Algorithm>(m, "Algorithm")
+      .value("auto", Algorithm::kAuto)
+      .value("ring", Algorithm::kRing)
+      .value("recursive_doubling", Algorithm::kRecursiveDoubling);
+
+  m.def("element_size", [](DataType t) { return element_size(t); });
+  m.def("op_supported", &op_supported);
+
+  py::class_<Work, std::shared_ptr<Work>>(m, "Work")
+      .def("wait", &Work::wait, py::arg("timeout") = -1.0, py::call_guard<py::gil_scoped_release>())
+      .def("is_completed", &Work::is_completed)
+      .def_property_readonly("seq", &Work::seq)
+      .def_property_readonly("description", &Work::description)
+      .def("raise_if_error", [](Work& w) {
+        if (auto e = w.error()) std::rethrow_exception(e);
+      })
+      .def("add_done_callback", [](Work& w, py::function fn) {
+        // The callable is released under the GIL, whichever thread drops it last.
+        auto holder = std::shared_ptr<py::function>(new py::function(std::move(fn)), [](py::function* f) {
+          py::gil_scoped_acquire gil;
+          delete f;
+        });
+        w.add_done_callback([holder]() {
+          py::gil_scoped_acquire gil;
+          try {
+            (*holder)();
+          } catch (py::error_already_set& e) {
+            e.discard_as_unraisable("ringcc work done-callback");
+          }
+        });
+      });
+
+  py::class_<Communicator, std::shared_ptr<Communicator>>(m, "Communicator")
+      .def(py::init([](int rank, int size, const std::string& transport, const std::string& listen_host,
+                       size_t shm_ring_bytes, int tcp_streams, size_t tcp_stripe_bytes, double timeout,
+                       double spin_seconds, size_t segment_bytes, size_t small_message_bytes,
+                       Algorithm algorithm) {
+             CommOptions o;
+             o.mesh.transport = transport;
+             o.mesh.listen_host = listen_host;
+             o.mesh.shm_ring_bytes = shm_ring_bytes;
+             o.mesh.tcp_streams = tcp_streams;
+             o.mesh.tcp_stripe_bytes = tcp_stripe_bytes;
+             o.timeout_seconds = timeout;
+             o.spin_seconds = spin_seconds;
+             o.segment_bytes = segment_bytes;
+             o.small_message_bytes = small_message_bytes;
+             o.allreduce_algorithm = algorithm;
+             return std::make_shared<Communicator>(rank, size, o);
+           }),
+           py::arg("rank"), py::arg("size"), py::arg("transport"), py::arg("listen_host"),
+           py::arg("shm_ring_bytes"), py::arg("tcp_streams"), py::arg("tcp_stripe_bytes"), py::arg("timeout"),
+           py::arg("spin_seconds"), py::arg("segment_bytes"), py::arg("small_message_bytes"),
+           py::arg("algorithm"))
+      .def_property_readonly("rank", &Communicator::rank)
+      .def_property_readonly("size", &Communicator::size)
+      .def("local_info", &Communicator::local_info)
+      .def("connect", &Communicator::connect, py::call_guard<py::gil_scoped_release>())
+      .def("link_kind", &Communicator::link_kind)
+      .def("submit",
+           [](Communicator& c, Collective kind, DataType dtype, std::optional<ReduceOp> op, int root, int peer,
+              bool is_send, int64_t tag, uintptr_t in, size_t in_bytes, uintptr_t out, size_t out_bytes,
+              size_t count, std::vector<size_t> counts, std::vector<size_t> recv_counts, double timeout,
+              Algorithm algorithm, size_t segment_bytes) {
+             OpDesc d;
+             d.kind = kind;
+             d.dtype = dtype;
+             d.has_op = op.has_value();
+             if (op) d.op = *op;
+             d.root = root;
+             d.peer = peer;
+             d.is_send = is_send;
+             d.tag = tag;
+             d.in = ptr(in);
+             d.in_bytes = in_bytes;
+             d.out = ptr(out);
+             d.out_bytes = out_bytes;
+             d.count = count;
+             d.counts = std::move(counts);
+             d.recv_counts = std::move(recv_counts);
+             d.timeout_seconds = timeout;
+             d.algorithm = algorithm;
+             d.segment_bytes = segment_bytes;
+             return c.submit(std::move(d));
+           },
+           py::arg("kind"), py::arg("dtype"), py::arg("op"), py::arg("root"), py::arg("peer"), py::arg("is_send"),
+           py::arg("tag"), py::arg("in_ptr"), py::arg("in_bytes"), py::arg("out_ptr"), py::arg("out_bytes"),
+           py::arg("count"), py::arg("counts"), py::arg("recv_counts"), py::arg("timeout"), py::arg("algorithm"),
+           py::arg("segment_bytes"))
+      .def("close", &Communicator::close, py::call_guard<py::gil_scoped_release>())
+      .def("abort", &Communicator::abort, py::arg("reason"), py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("is_aborted", &Communicator::is_aborted)
+      .def_property_readonly("abort_reason", &Communicator::abort_reason);
+
+  m.def("build_info", []() {
+    py::dict d;
+    d["version"] = RINGCC_VERSION;
+    d["simd_best"] = kernels::simd_level_name(kernels::best_simd_level());
+    d["simd_active"] = kernels::simd_level_name(kernels::simd_level());
+    d["simd_compiled"] = py::cast(std::vector<std::string>(RINGCC_SIMD_COMPILED));
+    d["cuda"] = bool(RINGCC_WITH_CUDA);
+    d["transports"] = py::cast(std::vector<std::string>{"tcp", "shm"});
+    d["compiler"] = RINGCC_COMPILER;
+    d["build_type"] = RINGCC_BUILD_TYPE;
+    d["host_identity"] = host_identity();
+    return d;
+  });
+
+  // Test hooks: direct access to the kernels and their dispatch.
+  m.def("_reduce", [](uintptr_t out, uintptr_t a, uintptr_t b, size_t count, DataType t, ReduceOp op) {
+    kernels::reduce(ptr(out), ptr(a), ptr(b), count, t, op);
+  });
+  m.def("_divide", [](uintptr_t buf, size_t count, DataType t, double d) { kernels::divide(ptr(buf), count, t, d); });
+  m.def("_convert", [](uintptr_t dst, DataType dt, uintptr_t src, DataType st, size_t count) {
+    kernels::convert(ptr(dst), dt, ptr(src), st, count);
+  });
+  m.def("_set_simd_level", [](const std::string& s) { kernels::set_simd_level(parse_simd(s)); });
+  m.def("_simd_level", []() { return std::string(kernels::simd_level_name(kernels::simd_level())); });
+}

@@ -1,0 +1,357 @@
+#include "ringcc/engine/communicator.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "ringcc/common/error.h"
+
+namespace ringcc {
+namespace {
+
+uint64_t hash_counts(const std::vector<size_t>& counts) {
+  uint64_t h = 1469598103934665603ull;  // FNV-1a
+  for (size_t c : counts) {
+    for (int b = 0; b < 8; ++b) {
+      h ^= (static_cast<uint64_t>(c) >> (8 * b)) & 0xff;
+      h *= 1099511628211ull;
+    }
+  }
+  return h | 1;  // never 0, which means "no counts"
+}
+
+size_t sum(const std::vector<size_t>& v) {
+  size_t s = 0;
+  for (size_t x : v) s += x;
+  return s;
+}
+
+bool overlaps(const void* a, size_t an, const void* b, size_t bn) {
+  auto pa = reinterpret_cast<uintptr_t>(a), pb = reinterpret_cast<uintptr_t>(b);
+  return an && bn && pa < pb + bn && pb < pa + an;
+}
+
+std::exception_ptr make_error(AbortKind kind, const std::string& text) {
+  switch (kind) {
+    case AbortKind::kTimeout: return std::make_exception_ptr(TimeoutError(text));
+    case AbortKind::kPeer: return std::make_exception_ptr(PeerError(text));
+    case AbortKind::kMismatch: return std::make_exception_ptr(MismatchError(text));
+    case AbortKind::kUser: return std::make_exception_ptr(AbortedError(text));
+    case AbortKind::kGeneric: break;
+  }
+  return std::make_exception_ptr(Error(text));
+}
+
+}  // namespace
+
+const char* algorithm_name(Algorithm a) {
+  switch (a) {
+    case Algorithm::kAuto: return "auto";
+    case Algorithm::kRing: return "ring";
+    case Algorithm::kRecursiveDoubling: return "recursive_doubling";
+  }
+  return "unknown";
+}
+
+Communicator::Communicator(int rank, int size, CommOptions options)
+    : rank_(rank), size_(size), options_(std::move(options)), mesh_(rank, size, options_.mesh),
+      send_seq_(static_cast<size_t>(size), 0), recv_seq_(static_cast<size_t>(size), 0) {
+  RINGCC_CHECK_ARG(options_.timeout_seconds > 0, "timeout must be positive, got ", options_.timeout_seconds);
+  RINGCC_CHECK_ARG(options_.segment_bytes > 0, "segment_bytes must be positive");
+}
+
+Communicator::~Communicator() {
+  try {
+    close();
+  } catch (...) {
+    // Destructors must not throw; close() already recorded what went wrong.
+  }
+}
+
+void Communicator::connect(const std::vector<std::string>& infos) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    RINGCC_CHECK_ARG(!connected_, "communicator is already connected");
+  }
+  Deadline deadline = Deadline::after(options_.timeout_seconds);
+  mesh_.connect(infos, deadline);
+  // Nobody may remove its shared-memory name before every peer has mapped it.
+  OpContext ctx;
+  ctx.mesh = &mesh_;
+  ctx.op.kind = Collective::kConnect;
+  ctx.deadline = deadline;
+  ctx.interrupted = &interrupted_;
+  ctx.spin_seconds = options_.spin_seconds;
+  try {
+    algorithms::barrier(ctx);
+  } catch (const RemoteAbort& ra) {
+    throw PeerError(ra.text);
+  }
+  mesh_.finish_setup();
+  std::lock_guard<std::mutex> lock(mu_);
+  connected_ = true;
+  thread_ = std::thread([this] { progress_loop(); });
+}
+
+void Communicator::validate(const OpDesc& d) const {
+  const char* name = collective_name(d.kind);
+  const int n = size_, r = rank_;
+  const size_t es = element_size(d.dtype);
+  RINGCC_CHECK_ARG(es != 0, name, ": invalid dtype code ", static_cast<int>(d.dtype));
+  if (d.has_op) {
+    if (!op_supported(d.dtype, d.op)) {
+      const char* why = d.op == ReduceOp::kAvg ? " (avg needs a floating dtype: use sum and divide)"
+                                               : " (bitwise ops need an integer or bool dtype)";
+      RINGCC_THROW(DtypeError, name, ": op '", reduce_op_name(d.op), "' is not supported for dtype ",
+                   dtype_name(d.dtype), why);
+    }
+  }
+  bool rooted = d.kind == Collective::kBroadcast || d.kind == Collective::kReduce ||
+                d.kind == Collective::kGather || d.kind == Collective::kScatter;
+  if (rooted)
+    RINGCC_CHECK_ARG(d.root >= 0 && d.root < n, name, ": root ", d.root, " is out of range for ", n, " ranks");
+  if (d.kind == Collective::kSendRecv)
+    RINGCC_CHECK_ARG(d.peer >= 0 && d.peer < n && d.peer != r, name, ": peer ", d.peer,
+                     " is invalid for rank ", r, " of ", n, " ranks");
+  bool vector_counts = d.kind == Collective::kAllgatherV || d.kind == Collective::kReduceScatter ||
+                       d.kind == Collective::kAlltoallV;
+  if (vector_counts)
+    RINGCC_CHECK_ARG(d.counts.size() == static_cast<size_t>(n), name, ": expected ", n,
+                     " per-rank counts, got ", d.counts.size());
+  if (d.kind == Collective::kAlltoallV) {
+    RINGCC_CHECK_ARG(d.recv_counts.size() == static_cast<size_t>(n), name, ": expected ", n,
+                     " receive counts, got ", d.recv_counts.size());
+    RINGCC_CHECK_ARG(d.counts[r] == d.recv_counts[r], name, ": rank ", r, " sends ", d.counts[r],
+                     " elements to itself but expects to receive ", d.recv_counts[r]);
+  }
+
+  // Required buffer sizes in elements (-1: buffer unused on this rank).
+  const size_t kUnused = ~size_t(0);
+  size_t need_in = kUnused, need_out = kUnused;
+  switch (d.kind) {
+    case Collective::kAllreduce: need_in = need_out = d.count; break;
+    case Collective::kBroadcast: need_out = d.count; if (r == d.root && d.in) need_in = d.count; break;
+    case Collective::kAllgather: need_in = d.count; need_out = d.count * n; break;
+    case Collective::kAllgatherV: need_in = d.counts[r]; need_out = sum(d.counts); break;
+    case Collective::kReduceScatter: need_in = sum(d.counts); need_out = d.counts[r]; break;
+    case Collective::kReduce: need_in = d.count; if (r == d.root) need_out = d.count; break;
+    case Collective::kGather: need_in = d.count; if (r == d.root) need_out = d.count * n; break;
+    case Collective::kScatter: need_out = d.count; if (r == d.root) need_in = d.count * n; break;
+    case Collective::kAlltoall: need_in = need_out = d.count * n; break;
+    case Collective::kAlltoallV: need_in = sum(d.counts); need_out = sum(d.recv_counts); break;
+    case Collective::kBarrier: break;
+    case Collective::kSendRecv: (d.is_send ? need_in : need_out) = d.count; break;
+    case Collective::kConnect: RINGCC_THROW(std::invalid_argument, "connect is not a user operation");
+  }
+  auto check = [&](const char* which, const void* p, size_t bytes, size_t need) {
+    if (need == kUnused) return;
+    RINGCC_CHECK_ARG(p != nullptr || need == 0, name, ": rank ", r, " passed no ", which, " buffer");
+    RINGCC_CHECK_ARG(bytes == need * es, name, ": rank ", r, ": ", which, " buffer has ", bytes,
+                     " bytes but needs ", need * es, " (", need, " ", dtype_name(d.dtype),
+                     " elements for ", n, " ranks)");
+  };
+  check("input", d.in, d.in_bytes, need_in);
+  check("output", d.out, d.out_bytes, need_out);
+
+  // In-place forms are the documented aliases; any other overlap would corrupt data.
+  if (need_in != kUnused && need_out != kUnused && overlaps(d.in, d.in_bytes, d.out, d.out_bytes)) {
+    const char* in = static_cast<const char*>(d.in);
+    const char* out = static_cast<const char*>(d.out);
+    bool ok = false;
+    switch (d.kind) {
+      case Collective::kAllreduce:
+      case Collective::kBroadcast:
+      case Collective::kReduce: ok = in == out; break;
+      case Collective::kAllgather: ok = in == out + r * d.count * es; break;
+      case Collective::kAllgatherV: {
+        size_t off = 0;
+        for (int c = 0; c < r; ++c) off += d.counts[c];
+        ok = in == out + off * es;
+        break;
+      }
+      case Collective::kGather: ok = in == out + r * d.count * es; break;
+      case Collective::kScatter: ok = out == in + r * d.count * es; break;
+      case Collective::kReduceScatter:  // reduced from a private copy of the input
+      case Collective::kAlltoall:
+      case Collective::kAlltoallV: ok = true; break;  // the input is copied first
+      default: break;
+    }
+    RINGCC_CHECK_ARG(ok, name, ": input and output buffers overlap in a way that is not the in-place form");
+  }
+}
+
+OpHeader Communicator::header_for(const OpDesc& d) {
+  OpHeader h;
+  h.kind = d.kind;
+  h.dtype = d.dtype;
+  h.has_op = d.has_op ? 1 : 0;
+  h.op = d.has_op ? d.op : ReduceOp::kSum;
+  h.count = d.count;
+  bool rooted = d.kind == Collective::kBroadcast || d.kind == Collective::kReduce ||
+                d.kind == Collective::kGather || d.kind == Collective::kScatter;
+  h.root = rooted ? d.root : -1;
+  switch (d.kind) {
+    case Collective::kAllgatherV:
+    case Collective::kReduceScatter:
+      h.count = sum(d.counts);
+      h.aux = hash_counts(d.counts);
+      break;
+    case Collective::kAlltoallV: h.count = OpHeader::kNotCompared; break;
+    case Collective::kBarrier: h.count = 0; h.dtype = DataType::kUInt8; break;
+    case Collective::kSendRecv: h.aux = static_cast<uint64_t>(d.tag); break;
+    default: break;
+  }
+  // Point-to-point messages are numbered per pair and direction, so they do not
+  // disturb the numbering of collectives on ranks that do not take part.
+  if (d.kind == Collective::kSendRecv) h.seq = ++(d.is_send ? send_seq_ : recv_seq_)[d.peer];
+  else h.seq = next_seq_++;
+  return h;
+}
+
+std::shared_ptr<Work> Communicator::submit(OpDesc d) {
+  validate(d);
+  std::lock_guard<std::mutex> lock(mu_);
+  RINGCC_CHECK_ARG(connected_, "communicator is not connected");
+  if (closed_ || stopping_)
+    RINGCC_THROW(AbortedError, collective_name(d.kind), ": rank ", rank_, ": the communicator is closed");
+  OpHeader h = header_for(d);
+  auto work = std::make_shared<Work>(h.seq, describe(h));
+  if (aborted_.load()) {
+    std::lock_guard<std::mutex> rlock(reason_mu_);
+    work->finish(make_error(abort_kind_, "the communicator was aborted earlier: " + abort_reason_));
+    return work;
+  }
+  queue_.push_back(Queued{std::move(d), h, work});
+  cv_.notify_one();
+  return work;
+}
+
+void Communicator::execute(const OpDesc& d, const OpHeader& h) {
+  OpContext ctx;
+  ctx.mesh = &mesh_;
+  ctx.op = h;
+  double timeout = d.timeout_seconds > 0 ? d.timeout_seconds : options_.timeout_seconds;
+  ctx.deadline = Deadline::after(timeout);
+  ctx.interrupted = &interrupted_;
+  ctx.spin_seconds = options_.spin_seconds;
+  algorithms::Tuning t{d.segment_bytes ? d.segment_bytes : options_.segment_bytes,
+                       options_.small_message_bytes};
+  OpDesc local = d;
+  if (local.algorithm == Algorithm::kAuto) local.algorithm = options_.allreduce_algorithm;
+  switch (d.kind) {
+    case Collective::kAllreduce: algorithms::allreduce(ctx, local, t, scratch_); break;
+    case Collective::kReduce: algorithms::reduce(ctx, local, t, scratch_); break;
+    case Collective::kReduceScatter: algorithms::reduce_scatter(ctx, local, t, scratch_); break;
+    case Collective::kBroadcast: algorithms::broadcast(ctx, local, t); break;
+    case Collective::kAllgather:
+    case Collective::kAllgatherV: algorithms::allgather(ctx, local, t); break;
+    case Collective::kGather: algorithms::gather(ctx, local); break;
+    case Collective::kScatter: algorithms::scatter(ctx, local); break;
+    case Collective::kAlltoall:
+    case Collective::kAlltoallV:
+      if (overlaps(d.in, d.in_bytes, d.out, d.out_bytes)) {
+        char* copy = scratch_.get(2, d.in_bytes);
+        std::memcpy(copy, d.in, d.in_bytes);
+        local.in = copy;
+      }
+      algorithms::alltoall(ctx, local);
+      break;
+    case Collective::kBarrier: algorithms::barrier(ctx); break;
+    case Collective::kSendRecv: algorithms::send_recv(ctx, local); break;
+    case Collective::kConnect: break;
+  }
+}
+
+void Communicator::fail(AbortKind kind, const std::string& reason) {
+  {
+    std::lock_guard<std::mutex> lock(reason_mu_);
+    if (aborted_.load()) return;
+    abort_reason_ = reason;
+    abort_kind_ = kind;
+    aborted_.store(true);
+  }
+  mesh_.abort(kind, reason);
+}
+
+void Communicator::progress_loop() {
+  for (;;) {
+    Queued q;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+      if (queue_.empty()) return;
+      q = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    if (aborted_.load() || interrupted_.load()) {
+      std::lock_guard<std::mutex> lock(reason_mu_);
+      q.work->finish(aborted_.load()
+                         ? make_error(abort_kind_, "the communicator was aborted earlier: " + abort_reason_)
+                         : make_error(AbortKind::kUser, describe(q.header) + " was cancelled: the communicator is being aborted"));
+      continue;
+    }
+    std::exception_ptr error;
+    AbortKind kind = AbortKind::kGeneric;
+    std::string text;
+    try {
+      execute(q.desc, q.header);
+    } catch (const RemoteAbort& ra) {
+      kind = ra.kind;
+      text = ra.text;
+    } catch (const TimeoutError& e) {
+      kind = AbortKind::kTimeout;
+      text = e.what();
+    } catch (const MismatchError& e) {
+      kind = AbortKind::kMismatch;
+      text = e.what();
+    } catch (const PeerError& e) {
+      kind = AbortKind::kPeer;
+      text = e.what();
+    } catch (const AbortedError& e) {
+      kind = AbortKind::kUser;
+      text = e.what();
+    } catch (const std::exception& e) {
+      text = e.what();
+    }
+    if (!text.empty()) {
+      // Tell every peer first, so ranks blocked elsewhere fail now, not at their timeout.
+      fail(kind, text);
+      std::lock_guard<std::mutex> lock(reason_mu_);
+      error = make_error(abort_kind_, abort_reason_);
+    }
+    q.work->finish(error);
+  }
+}
+
+void Communicator::close() {
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (closed_) return;
+    closed_ = true;
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+  if (!aborted_.load()) mesh_.close();
+}
+
+void Communicator::abort(const std::string& reason) {
+  // Links belong to the progress thread: interrupt it, let it fail what it runs, join
+  // it, and only then tell the peers from this thread.
+  interrupted_.store(true);
+  mesh_.interrupt();
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    stopping_ = true;
+    closed_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+  fail(AbortKind::kUser, detail::concat("rank ", rank_, " aborted the communicator: ", reason));
+}
+
+std::string Communicator::abort_reason() {
+  std::lock_guard<std::mutex> lock(reason_mu_);
+  return abort_reason_;
+}
+
+}  // namespace ringcc

@@ -1,0 +1,96 @@
+// A communicator: one rank's membership in a group, its links to every peer, and the
+// progress thread that runs its operations one at a time in the order they were issued.
+//
+// Life cycle: construct (creates endpoints) -> local_info() to the rendezvous store ->
+// connect(all infos) -> submit()* -> close() or abort().
+// After any communication error the communicator is aborted: every peer is told, and
+// every later operation fails with the original reason (like a NCCL communicator,
+// it must be re-created).
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "ringcc/algorithms/algorithms.h"
+#include "ringcc/engine/mesh.h"
+#include "ringcc/engine/op.h"
+#include "ringcc/engine/work.h"
+
+namespace ringcc {
+
+struct CommOptions {
+  MeshOptions mesh;
+  double timeout_seconds = 1800;     // per operation and for setup
+  double spin_seconds = 20e-6;       // busy-wait before blocking
+  size_t segment_bytes = 256 << 10;  // frame size of pipelined algorithms
+  size_t small_message_bytes = 64 << 10;
+  Algorithm allreduce_algorithm = Algorithm::kAuto;
+};
+
+class Communicator {
+ public:
+  Communicator(int rank, int size, CommOptions options);
+  ~Communicator();
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  const CommOptions& options() const { return options_; }
+  std::string local_info() const { return mesh_.local_info(); }
+  // Connects to every peer, runs the setup barrier and starts the progress thread.
+  void connect(const std::vector<std::string>& infos);
+  std::string link_kind(int peer) const { return mesh_.link_kind(peer); }
+
+  // Validates `d` (throws std::invalid_argument / DtypeError at once, nothing queued)
+  // and queues it.
+  std::shared_ptr<Work> submit(OpDesc d);
+
+  // Finishes queued operations, then says goodbye to every peer. Idempotent.
+  void close();
+  // Fails queued and running operations and tells every peer. Idempotent.
+  void abort(const std::string& reason);
+  bool is_aborted() const { return aborted_.load(); }
+  // The error that aborted the communicator ("" if none).
+  std::string abort_reason();
+
+ private:
+  void validate(const OpDesc& d) const;
+  OpHeader header_for(const OpDesc& d);
+  void progress_loop();
+  void execute(const OpDesc& d, const OpHeader& h);
+  void fail(AbortKind kind, const std::string& reason);
+
+  struct Queued {
+    OpDesc desc;
+    OpHeader header;
+    std::shared_ptr<Work> work;
+  };
+
+  const int rank_, size_;
+  CommOptions options_;
+  Mesh mesh_;
+  algorithms::Scratch scratch_;
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Queued> queue_;
+  bool stopping_ = false;
+  bool connected_ = false;
+  bool closed_ = false;
+  uint64_t next_seq_ = 1;
+  std::vector<uint64_t> send_seq_, recv_seq_;
+  std::thread thread_;
+
+  std::atomic<bool> aborted_{false};
+  std::atomic<bool> interrupted_{false};
+  std::mutex reason_mu_;
+  std::string abort_reason_;
+  AbortKind abort_kind_ = AbortKind::kGeneric;
+};
+
+}  // namespace ringcc

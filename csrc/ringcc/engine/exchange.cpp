@@ -1,0 +1,430 @@
+#include "ringcc/engine/exchange.h"
+
+#include <poll.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <sstream>
+
+#include "ringcc/common/error.h"
+#include "ringcc/kernels/cpu/kernels.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define RINGCC_CPU_RELAX() _mm_pause()
+#else
+#define RINGCC_CPU_RELAX() ((void)0)
+#endif
+
+namespace ringcc {
+namespace {
+
+using transport::Link;
+using transport::LinkKind;
+using transport::PeerState;
+
+enum Stage : uint8_t { kHeader = 0, kPayload, kPadding, kAbortText, kDone };
+
+constexpr auto kBlockSlice = std::chrono::milliseconds(50);
+const char kZeros[8] = {0};
+
+class Runner {
+ public:
+  Runner(OpContext& ctx, Transfer* t, size_t n)
+      : ctx_(ctx), t_(t), n_(n), mesh_(*ctx.mesh), size_(mesh_.size()),
+        closed_seen_(size_), parked_(size_) {}
+
+  void run();
+
+ private:
+  bool advance_send(Transfer& x);
+  bool advance_recv(Transfer& x);
+  void on_header(Transfer& x);
+  [[noreturn]] void fail_closed(const Transfer& x, bool mid_frame);
+  void check_peers();
+  void block(uint32_t bell);
+  void inspect_idle_tcp(Link* link);
+  [[noreturn]] void timeout();
+  std::string who() const { return detail::concat("rank ", mesh_.rank()); }
+  bool has_pending_with(int peer) const;
+
+  // Transfers sharing a (peer, direction) use one byte stream, so only the first
+  // unfinished one of each queue can move; a pass touches queue heads only.
+  struct Queue {
+    int peer;
+    bool send;
+    std::vector<uint32_t> items;
+    size_t head = 0;
+    bool done() const { return head == items.size(); }
+  };
+
+  OpContext& ctx_;
+  Transfer* t_;
+  size_t n_;
+  Mesh& mesh_;
+  int size_;
+  std::vector<Queue> queues_;
+  std::vector<uint8_t> closed_seen_, parked_;
+};
+
+bool Runner::has_pending_with(int peer) const {
+  for (const Queue& q : queues_)
+    if (q.peer == peer && !q.done()) return true;
+  return false;
+}
+
+bool Runner::advance_send(Transfer& x) {
+  Link* link = mesh_.link(x.peer);
+  bool moved = false;
+  if (x.stage == kHeader) {
+    link->mid_frame = true;
+    size_t k = link->write_some(x.header + x.done, kFrameHeaderBytes - x.done);
+    x.done += k;
+    moved |= k > 0;
+    if (x.done < kFrameHeaderBytes) return moved;
+    x.stage = kPayload;
+    x.done = 0;
+  }
+  if (x.stage == kPayload) {
+    if (x.done < x.bytes) {
+      size_t k = link->write_some(x.data + x.done, x.bytes - x.done);
+      x.done += k;
+      moved |= k > 0;
+      if (x.done < x.bytes) return moved;
+    }
+    x.stage = kPadding;
+    x.done = 0;
+  }
+  if (x.stage == kPadding) {
+    size_t pad = padded(x.bytes) - x.bytes;
+    if (x.done < pad) {
+      size_t k = link->write_some(kZeros, pad - x.done);
+      x.done += k;
+      moved |= k > 0;
+      if (x.done < pad) return moved;
+    }
+    x.stage = kDone;
+    link->mid_frame = false;
+    moved = true;
+  }
+  return moved;
+}
+
+void Runner::fail_closed(const Transfer& x, bool mid_frame) {
+  RINGCC_THROW(PeerError, who(), ": the connection from rank ", x.peer, " closed ",
+               mid_frame ? "in the middle of a frame" : "without a goodbye", " during ",
+               describe(ctx_.op), " (rank ", x.peer, " probably died or was killed)");
+}
+
+void Runner::on_header(Transfer& x) {
+  FrameHeader h;
+  std::memcpy(&h, x.header, sizeof(h));
+  if (h.magic != kFrameMagic || h.version != kProtocolVersion || h.sender != static_cast<uint32_t>(x.peer))
+    RINGCC_THROW(PeerError, who(), ": received a malformed frame from rank ", x.peer, " during ",
+                 describe(ctx_.op), " (protocol violation or version mismatch)");
+  if (h.type == FrameType::kAbort) {
+    RINGCC_CHECK_ARG(h.payload_bytes <= kMaxAbortText, "oversized abort text");
+    x.stage = kAbortText;
+    x.done = 0;
+    x.abort_text.assign(static_cast<size_t>(padded(h.payload_bytes)), '\0');
+    x.bytes = static_cast<size_t>(h.payload_bytes);  // reused: text length
+    return;
+  }
+  if (h.type == FrameType::kBye)
+    RINGCC_THROW(PeerError, who(), ": rank ", x.peer, " closed its communicator while rank ",
+                 mesh_.rank(), " was waiting for its data in ", describe(ctx_.op));
+  if (h.type != FrameType::kData)
+    RINGCC_THROW(PeerError, who(), ": unknown frame type from rank ", x.peer);
+  std::string diff = differing_fields(h.op, ctx_.op);
+  if (!diff.empty())
+    RINGCC_THROW(MismatchError, who(), ": operation mismatch with rank ", x.peer, ": rank ", x.peer,
+                 " called ", describe(h.op), " but rank ", mesh_.rank(), " called ",
+                 describe(ctx_.op), "; they differ in: ", diff);
+  if (h.payload_bytes != x.bytes)
+    RINGCC_THROW(MismatchError, who(), ": size mismatch with rank ", x.peer, " in ",
+                 describe(ctx_.op), ": rank ", x.peer, " sent ", h.payload_bytes,
+                 " bytes where rank ", mesh_.rank(), " expected ", x.bytes,
+                 " (per-rank counts or splits differ between the ranks)");
+  x.stage = kPayload;
+  x.done = 0;
+}
+
+bool Runner::advance_recv(Transfer& x) {
+  Link* link = mesh_.link(x.peer);
+  bool moved = false;
+  if (x.stage == kHeader) {
+    size_t k = link->read_some(x.header + x.done, kFrameHeaderBytes - x.done);
+    x.done += k;
+    moved |= k > 0;
+    if (x.done < kFrameHeaderBytes) {
+      if (k == 0 && link->eof()) fail_closed(x, x.done > 0);
+      return moved;
+    }
+    on_header(x);
+  }
+  if (x.stage == kAbortText) {
+    size_t want = x.abort_text.size();
+    size_t k = link->read_some(&x.abort_text[x.done], want - x.done);
+    x.done += k;
+    if (x.done < want) {
+      if (k == 0 && link->eof()) fail_closed(x, true);
+      return moved || k > 0;
+    }
+    FrameHeader h;
+    std::memcpy(&h, x.header, sizeof(h));
+    x.abort_text.resize(x.bytes);
+    throw RemoteAbort{h.abort_kind, x.abort_text};
+  }
+  if (x.stage == kPayload) {
+    if (x.apply == Transfer::Apply::kCopy) {
+      size_t k = x.done < x.bytes ? link->read_some(x.data + x.done, x.bytes - x.done) : 0;
+      x.done += k;
+      moved |= k > 0;
+      if (x.done < x.bytes) {
+        if (k == 0 && link->eof()) fail_closed(x, true);
+        return moved;
+      }
+    } else {
+      const size_t esize = element_size(ctx_.reduce_dtype);
+      while (x.done < x.bytes) {
+        const void* p = nullptr;
+        size_t avail = link->peek(&p);
+        size_t take = std::min(avail, x.bytes - x.done);
+        take -= take % esize;
+        if (take == 0) {
+          if (avail == 0 && link->eof()) fail_closed(x, true);
+          break;
+        }
+        char* dst = x.data + x.done;
+        if (x.incoming_first) kernels::reduce(dst, p, dst, take / esize, ctx_.reduce_dtype, ctx_.reduce_op);
+        else kernels::reduce(dst, dst, p, take / esize, ctx_.reduce_dtype, ctx_.reduce_op);
+        link->consume(take);
+        x.done += take;
+        moved = true;
+      }
+      if (x.done < x.bytes) return moved;
+    }
+    x.stage = kPadding;
+    x.done = 0;
+  }
+  if (x.stage == kPadding) {
+    size_t pad = padded(x.bytes) - x.bytes;
+    char sink[8];
+    if (x.done < pad) {
+      size_t k = link->read_some(sink, pad - x.done);
+      x.done += k;
+      if (x.done < pad) {
+        if (k == 0 && link->eof()) fail_closed(x, true);
+        return moved || k > 0;
+      }
+    }
+    x.stage = kDone;
+    moved = true;
+  }
+  return moved;
+}
+
+// Out-of-band peer checks: shared-memory state words and pids. TCP peers report
+// through the stream (EOF, abort frames), handled in advance_recv / inspect_idle_tcp.
+void Runner::check_peers() {
+  for (int p = 0; p < size_; ++p) {
+    Link* link = p == mesh_.rank() ? nullptr : mesh_.link(p);
+    if (!link || link->kind() != LinkKind::kShm) continue;
+    switch (link->peer_state()) {
+      case PeerState::kAlive: break;
+      case PeerState::kAborted: {
+        AbortKind kind = AbortKind::kGeneric;
+        std::string text = link->peer_abort(&kind);
+        throw RemoteAbort{kind, text};
+      }
+      case PeerState::kDead:
+        RINGCC_THROW(PeerError, who(), ": rank ", p, " died (its process exited without closing the ",
+                     "communicator) during ", describe(ctx_.op));
+      case PeerState::kClosed:
+        // Its last bytes were published before the state word, so a transfer that
+        // still cannot progress after one more pass never will.
+        if (has_pending_with(p)) {
+          if (closed_seen_[p])
+            RINGCC_THROW(PeerError, who(), ": rank ", p, " closed its communicator while rank ",
+                         mesh_.rank(), " still needed it in ", describe(ctx_.op));
+          closed_seen_[p] = 1;
+        }
+        break;
+    }
+  }
+}
+
+void Runner::inspect_idle_tcp(Link* link) {
+  const void* p = nullptr;
+  size_t n = link->peek(&p);
+  if (n >= kFrameHeaderBytes) {
+    FrameHeader h;
+    std::memcpy(&h, p, sizeof(h));
+    if (h.type == FrameType::kAbort && h.magic == kFrameMagic && h.payload_bytes <= kMaxAbortText) {
+      if (n >= kFrameHeaderBytes + h.payload_bytes)
+        throw RemoteAbort{h.abort_kind, std::string(static_cast<const char*>(p) + kFrameHeaderBytes,
+                                                    static_cast<size_t>(h.payload_bytes))};
+      return;  // rest of the text still in flight
+    }
+    parked_[link->peer()] = 1;  // data of a later operation, or a goodbye: not ours to read
+    return;
+  }
+  if (link->eof()) {
+    if (n == 0)
+      RINGCC_THROW(PeerError, who(), ": rank ", link->peer(), " closed its connection without a goodbye",
+                   " during ", describe(ctx_.op), " (rank ", link->peer(), " probably died or was killed)");
+    parked_[link->peer()] = 1;
+  }
+}
+
+void Runner::block(uint32_t bell) {
+  std::vector<pollfd> fds;
+  std::vector<Link*> idle;
+  bool shm_pending = false;
+  std::vector<uint8_t> has_recv(size_, 0);
+  for (const Queue& q : queues_) {
+    if (q.done()) continue;
+    Link* link = mesh_.link(q.peer);
+    if (!q.send) has_recv[q.peer] = 1;
+    if (link->kind() == LinkKind::kShm) {
+      shm_pending = true;
+      continue;
+    }
+    fds.push_back(pollfd{link->poll_fd(q.send), static_cast<short>(q.send ? POLLOUT : POLLIN), 0});
+  }
+  size_t first_idle = fds.size();
+  for (int p = 0; p < size_; ++p) {
+    if (p == mesh_.rank() || has_recv[p] || parked_[p]) continue;
+    Link* link = mesh_.link(p);
+    if (link && link->kind() == LinkKind::kTcp) {
+      idle.push_back(link);
+      fds.push_back(pollfd{link->poll_fd(false), POLLIN, 0});
+    }
+  }
+  auto slice = ctx_.deadline.remaining(kBlockSlice);
+  auto* own = mesh_.own_control();
+  bool tcp_pending = first_idle > 0;
+  if (!tcp_pending && own) {
+    transport::shm::wait_doorbell(own, bell, static_cast<long>(slice.count()));
+    return;
+  }
+  fds.push_back(pollfd{mesh_.interrupt_fd(), POLLIN, 0});
+  int ms = shm_pending ? 1 : static_cast<int>(std::chrono::duration_cast<std::chrono::milliseconds>(slice).count()) + 1;
+  int rc = ::poll(fds.data(), fds.size(), ms);
+  if (rc <= 0) return;
+  for (size_t i = 0; i < idle.size(); ++i)
+    if (fds[first_idle + i].revents) inspect_idle_tcp(idle[i]);
+  if (fds.back().revents) {
+    uint64_t v;
+    (void)!::read(mesh_.interrupt_fd(), &v, sizeof(v));
+  }
+}
+
+void Runner::timeout() {
+  std::ostringstream os;
+  os << who() << ": " << describe(ctx_.op) << " timed out after " << ctx_.deadline.seconds
+     << " s; still waiting";
+  const char* sep = " ";
+  for (const Queue& q : queues_) {
+    if (q.done()) continue;
+    const Transfer& x = t_[q.items[q.head]];
+    bool s = q.send;
+    os << sep << (s ? "to send " : "to receive ") << x.bytes << " bytes " << (s ? "to" : "from")
+       << " rank " << x.peer;
+    if (x.stage == kHeader && x.done == 0) os << " (nothing " << (s ? "accepted" : "arrived") << " yet)";
+    sep = "; ";
+  }
+  os << " (is a rank stuck, dead, or calling a different operation?)";
+  throw TimeoutError(os.str());
+}
+
+void Runner::run() {
+  std::vector<int> queue_of(2 * size_, -1);
+  for (size_t i = 0; i < n_; ++i) {
+    Transfer& x = t_[i];
+    x.stage = kHeader;
+    x.done = 0;
+    RINGCC_ASSERT(x.peer >= 0 && x.peer < size_ && x.peer != mesh_.rank());
+    bool is_send = x.dir == Transfer::Dir::kSend;
+    int& qi = queue_of[2 * x.peer + (is_send ? 1 : 0)];
+    if (qi < 0) {
+      qi = static_cast<int>(queues_.size());
+      queues_.push_back(Queue{x.peer, is_send, {}, 0});
+    }
+    queues_[qi].items.push_back(static_cast<uint32_t>(i));
+    if (x.dir == Transfer::Dir::kSend) {
+      FrameHeader h;
+      h.sender = static_cast<uint32_t>(mesh_.rank());
+      h.payload_bytes = x.bytes;
+      h.op = ctx_.op;
+      std::memset(x.header, 0, sizeof(x.header));
+      std::memcpy(x.header, &h, sizeof(h));
+    }
+  }
+  auto* own = mesh_.own_control();
+  auto spin = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(ctx_.spin_seconds));
+  Clock::time_point idle_since = Clock::now();
+  for (;;) {
+    uint32_t bell = own ? own->doorbell.load(std::memory_order_acquire) : 0;
+    bool progress = false, all_done = true;
+    for (Queue& q : queues_) {
+      while (!q.done()) {
+        Transfer& x = t_[q.items[q.head]];
+        progress |= q.send ? advance_send(x) : advance_recv(x);
+        if (x.stage != kDone) break;
+        ++q.head;
+      }
+      all_done &= q.done();
+    }
+    if (all_done) return;
+    Clock::time_point now = Clock::now();
+    if (progress) {
+      idle_since = now;
+      continue;
+    }
+    if (ctx_.interrupted && ctx_.interrupted->load(std::memory_order_relaxed))
+      RINGCC_THROW(AbortedError, who(), ": the communicator was aborted during ", describe(ctx_.op));
+    if (now >= ctx_.deadline.at) timeout();
+    if (now - idle_since < spin) {
+      RINGCC_CPU_RELAX();
+      continue;
+    }
+    check_peers();
+    block(bell);
+  }
+}
+
+}  // namespace
+
+Transfer Transfer::send(int peer, const void* data, size_t bytes) {
+  Transfer t;
+  t.dir = Dir::kSend;
+  t.peer = peer;
+  t.data = const_cast<char*>(static_cast<const char*>(data));
+  t.bytes = bytes;
+  return t;
+}
+
+Transfer Transfer::recv(int peer, void* data, size_t bytes) {
+  Transfer t;
+  t.dir = Dir::kRecv;
+  t.peer = peer;
+  t.data = static_cast<char*>(data);
+  t.bytes = bytes;
+  return t;
+}
+
+Transfer Transfer::recv_reduce(int peer, void* data, size_t bytes, bool incoming_first) {
+  Transfer t = recv(peer, data, bytes);
+  t.apply = Apply::kReduce;
+  t.incoming_first = incoming_first;
+  return t;
+}
+
+void OpContext::exchange(Transfer* transfers, size_t n) {
+  if (n == 0) return;
+  Runner(*this, transfers, n).run();
+}
+
+}  // namespace ringcc

@@ -1,0 +1,79 @@
+// The set of links from one rank to every peer, chosen per peer pair:
+// shared memory when both ranks are on the same host, TCP otherwise
+// (RINGCC_TRANSPORT=tcp|shm|auto overrides the choice).
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "ringcc/common/clock.h"
+#include "ringcc/engine/protocol.h"
+#include "ringcc/transport/link.h"
+#include "ringcc/transport/shm/shm_segment.h"
+#include "ringcc/transport/tcp/socket.h"
+
+namespace ringcc {
+
+struct MeshOptions {
+  std::string transport = "auto";    // auto | tcp | shm
+  std::string listen_host;           // numeric IP to listen on for TCP
+  size_t shm_ring_bytes = 1 << 20;   // per directed pair
+  int tcp_streams = 1;               // TCP connections per peer
+  size_t tcp_stripe_bytes = 256 << 10;
+};
+
+class Mesh {
+ public:
+  // Creates this rank's endpoints (listening socket and/or shared-memory segment).
+  Mesh(int rank, int size, MeshOptions options);
+  ~Mesh();
+
+  // Everything a peer needs to reach this rank, as one line of text for the store.
+  std::string local_info() const;
+  // Connects to every peer from their local_info() lines (index = rank).
+  void connect(const std::vector<std::string>& infos, const Deadline& deadline);
+  // Called once every rank has connected (after the setup barrier): removes the
+  // shared-memory name and closes the listener.
+  void finish_setup();
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  transport::Link* link(int peer) const { return links_[peer].get(); }
+  // "shm" / "tcp" per peer, for info and tests.
+  std::string link_kind(int peer) const;
+
+  // Blocking support for the exchanger.
+  transport::shm::ControlBlock* own_control() const {
+    return segment_ ? segment_->control() : nullptr;
+  }
+  int interrupt_fd() const { return interrupt_fd_; }
+  // Wakes a progress thread blocked in poll()/futex (abort from another thread).
+  void interrupt();
+
+  // Tells every peer this communicator is dead, with the reason (best effort, bounded).
+  void abort(AbortKind kind, const std::string& reason);
+  // Tells every peer this rank will send nothing more.
+  void close();
+
+ private:
+  void send_control_frame(transport::Link* link, FrameType type, AbortKind kind,
+                          const std::string& text);
+
+  const int rank_, size_;
+  MeshOptions options_;
+  uint64_t nonce_;
+  std::string host_key_;
+  std::optional<transport::shm::Segment> segment_;
+  std::unique_ptr<transport::tcp::Listener> listener_;
+  std::vector<std::unique_ptr<transport::Link>> links_;
+  int interrupt_fd_ = -1;
+  std::atomic<bool> ended_{false};
+};
+
+// Identity of "this host" for transport choice: ranks with equal keys share memory.
+std::string host_identity();
+
+}  // namespace ringcc

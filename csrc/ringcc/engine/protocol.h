@@ -1,0 +1,80 @@
+// What travels on every link: a fixed 64-byte frame header, then the payload, then
+// zero padding to a multiple of 8 bytes. Keeping every payload 8-byte aligned in the
+// stream means a shared-memory ring never splits an element at its wrap point.
+//
+// Every DATA frame carries the header of the operation it belongs to; the receiver
+// compares it with its own, so ranks that call different operations fail with a
+// readable error instead of reading each other's bytes as data.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "ringcc/common/dtype.h"
+
+namespace ringcc {
+
+enum class Collective : uint8_t {
+  kAllreduce = 0,
+  kBroadcast = 1,
+  kAllgather = 2,
+  kAllgatherV = 3,
+  kReduceScatter = 4,
+  kReduce = 5,
+  kGather = 6,
+  kScatter = 7,
+  kAlltoall = 8,
+  kAlltoallV = 9,
+  kBarrier = 10,
+  kSendRecv = 11,  // point-to-point; sequenced per peer pair, not per communicator
+  kConnect = 12,   // the barrier that ends communicator setup
+};
+const char* collective_name(Collective c);
+
+// What all participating ranks must agree on for one operation.
+struct OpHeader {
+  uint64_t seq = 0;       // collective sequence number (per peer pair for send/recv)
+  uint64_t count = 0;     // element count as the caller passed it; kNotCompared to skip
+  uint64_t aux = 0;       // hash of per-rank counts (v-collectives), tag (send/recv)
+  int32_t root = -1;      // root rank of rooted collectives, -1 otherwise
+  Collective kind = Collective::kBarrier;
+  DataType dtype = DataType::kUInt8;
+  ReduceOp op = ReduceOp::kSum;
+  uint8_t has_op = 0;     // 1 when `op` is meaningful
+  static constexpr uint64_t kNotCompared = ~uint64_t(0);
+};
+
+// Human-readable "allreduce(seq=5, dtype=float32, count=100, op=sum)".
+std::string describe(const OpHeader& h);
+// Names of the fields in which a and b differ, comma separated ("" if none).
+std::string differing_fields(const OpHeader& a, const OpHeader& b);
+
+enum class FrameType : uint8_t {
+  kData = 1,
+  kAbort = 2,  // payload: error text; the sender's communicator is dead
+  kBye = 3,    // graceful close: the sender will send nothing more
+};
+
+// Error classes carried by an abort frame, so every rank raises the same Python type.
+enum class AbortKind : uint8_t { kGeneric = 0, kTimeout = 1, kPeer = 2, kMismatch = 3, kUser = 4 };
+
+constexpr uint32_t kFrameMagic = 0x52434346;  // "RCCF"
+constexpr uint16_t kProtocolVersion = 1;
+constexpr size_t kMaxAbortText = 4096;
+
+struct FrameHeader {
+  uint32_t magic = kFrameMagic;
+  uint16_t version = kProtocolVersion;
+  FrameType type = FrameType::kData;
+  AbortKind abort_kind = AbortKind::kGeneric;
+  uint32_t sender = 0;
+  uint32_t reserved = 0;
+  uint64_t payload_bytes = 0;
+  OpHeader op;
+};
+static_assert(sizeof(FrameHeader) <= 64, "frame header must fit in 64 bytes");
+constexpr size_t kFrameHeaderBytes = 64;
+
+inline uint64_t padded(uint64_t n) { return (n + 7) & ~uint64_t(7); }
+
+}  // namespace ringcc

@@ -1,0 +1,169 @@
+#include "ringcc/transport/shm/shm_segment.h"
+
+#include <fcntl.h>
+#include <linux/futex.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <climits>
+#include <cstring>
+#include <new>
+#include <random>
+
+#include "ringcc/common/error.h"
+
+namespace ringcc::transport::shm {
+namespace {
+
+constexpr uint64_t kSegmentMagic = 0x52494e4743435348ull;  // "RINGCCSH"
+
+size_t control_bytes() { return (sizeof(ControlBlock) + 4095) & ~size_t(4095); }
+size_t ring_stride(size_t ring_bytes) { return sizeof(RingHeader) + ring_bytes; }
+size_t segment_bytes(int world_size, size_t ring_bytes) {
+  return control_bytes() + static_cast<size_t>(world_size) * ring_stride(ring_bytes);
+}
+
+long futex(std::atomic<uint32_t>* addr, int op, uint32_t val, const timespec* ts) {
+  // Not FUTEX_PRIVATE: the word lives in memory shared between processes.
+  return syscall(SYS_futex, reinterpret_cast<uint32_t*>(addr), op, val, ts, nullptr, 0);
+}
+
+}  // namespace
+
+Segment Segment::create(int rank, int world_size, size_t ring_bytes) {
+  RINGCC_CHECK_ARG(ring_bytes >= 4096 && ring_bytes % 64 == 0,
+                   "shared-memory ring size must be a multiple of 64 and at least 4096 bytes, got ",
+                   ring_bytes);
+  std::random_device rd;
+  uint64_t nonce = (uint64_t(rd()) << 32) ^ rd();
+  Segment s;
+  s.name_ = detail::concat("/ringcc-", getpid(), "-", std::hex, nonce, std::dec, "-r", rank);
+  s.ring_bytes_ = ring_bytes;
+  s.size_ = segment_bytes(world_size, ring_bytes);
+  s.owner_ = true;
+  int fd = RINGCC_SYSCHECK(shm_open(s.name_.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600),
+                           "creating shared-memory segment ", s.name_);
+  if (ftruncate(fd, static_cast<off_t>(s.size_)) != 0) {
+    int err = errno;
+    close(fd);
+    shm_unlink(s.name_.c_str());
+    RINGCC_THROW(Error, "cannot size shared-memory segment ", s.name_, " to ", s.size_,
+                 " bytes: ", detail::errno_string(err), " (is /dev/shm full?)");
+  }
+  s.base_ = mmap(nullptr, s.size_, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  close(fd);
+  if (s.base_ == MAP_FAILED) {
+    s.base_ = nullptr;
+    int err = errno;
+    shm_unlink(s.name_.c_str());
+    RINGCC_THROW(Error, "cannot map shared-memory segment ", s.name_, ": ", detail::errno_string(err));
+  }
+  // ftruncate zero-fills, so atomics start at 0; construct them formally anyway.
+  auto* c = new (s.base_) ControlBlock();
+  c->world_size = static_cast<uint32_t>(world_size);
+  c->rank = static_cast<uint32_t>(rank);
+  c->pid = getpid();
+  c->ring_bytes = ring_bytes;
+  c->doorbell.store(0);
+  c->sleepers.store(0);
+  c->state.store(kStateAlive);
+  for (int w = 0; w < world_size; ++w) {
+    auto* r = new (s.ring(w)) RingHeader();
+    r->head.store(0);
+    r->tail.store(0);
+  }
+  std::atomic_thread_fence(std::memory_order_release);
+  c->magic = kSegmentMagic;
+  return s;
+}
+
+Segment Segment::open(const std::string& name, int expected_rank, int world_size) {
+  Segment s;
+  s.name_ = name;
+  int fd = shm_open(name.c_str(), O_RDWR, 0600);
+  if (fd < 0) {
+    RINGCC_THROW(PeerError, "cannot open the shared-memory segment ", name, " of rank ",
+                 expected_rank, ": ", detail::errno_string(errno),
+                 " (is it on another host or container? set RINGCC_TRANSPORT=tcp)");
+  }
+  struct stat st {};
+  if (fstat(fd, &st) != 0 || st.st_size < static_cast<off_t>(control_bytes())) {
+    close(fd);
+    RINGCC_THROW(PeerError, "shared-memory segment ", name, " of rank ", expected_rank,
+                 " is truncated");
+  }
+  s.size_ = static_cast<size_t>(st.st_size);
+  s.base_ = mmap(nullptr, s.size_, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  close(fd);
+  if (s.base_ == MAP_FAILED) {
+    s.base_ = nullptr;
+    RINGCC_THROW(PeerError, "cannot map shared-memory segment ", name, ": ",
+                 detail::errno_string(errno));
+  }
+  auto* c = s.control();
+  std::atomic_thread_fence(std::memory_order_acquire);
+  if (c->magic != kSegmentMagic || c->rank != static_cast<uint32_t>(expected_rank) ||
+      c->world_size != static_cast<uint32_t>(world_size) ||
+      s.size_ != segment_bytes(world_size, c->ring_bytes)) {
+    RINGCC_THROW(PeerError, "shared-memory segment ", name, " does not belong to rank ",
+                 expected_rank, " of a ", world_size, "-rank communicator");
+  }
+  s.ring_bytes_ = c->ring_bytes;
+  return s;
+}
+
+Segment& Segment::operator=(Segment&& o) noexcept {
+  if (this != &o) {
+    this->~Segment();
+    name_ = std::move(o.name_);
+    base_ = o.base_;
+    size_ = o.size_;
+    ring_bytes_ = o.ring_bytes_;
+    owner_ = o.owner_;
+    unlinked_ = o.unlinked_;
+    o.base_ = nullptr;
+    o.owner_ = false;
+  }
+  return *this;
+}
+
+Segment::~Segment() {
+  if (owner_) unlink();
+  if (base_) munmap(base_, size_);
+  base_ = nullptr;
+}
+
+RingHeader* Segment::ring(int writer) const {
+  char* p = static_cast<char*>(base_) + control_bytes() +
+            static_cast<size_t>(writer) * ring_stride(ring_bytes_);
+  return reinterpret_cast<RingHeader*>(p);
+}
+
+void Segment::unlink() {
+  if (owner_ && !unlinked_) {
+    shm_unlink(name_.c_str());
+    unlinked_ = true;
+  }
+}
+
+void Segment::ring_doorbell() const {
+  ControlBlock* c = control();
+  c->doorbell.fetch_add(1, std::memory_order_seq_cst);
+  // Pairs with the sleepers increment in wait_doorbell: one side always sees the other.
+  if (c->sleepers.load(std::memory_order_seq_cst) != 0) {
+    futex(&c->doorbell, FUTEX_WAKE, INT_MAX, nullptr);
+  }
+}
+
+void wait_doorbell(ControlBlock* own, uint32_t seen, long timeout_ns) {
+  own->sleepers.fetch_add(1, std::memory_order_seq_cst);
+  if (own->doorbell.load(std::memory_order_seq_cst) == seen) {
+    timespec ts{timeout_ns / 1000000000L, timeout_ns % 1000000000L};
+    futex(&own->doorbell, FUTEX_WAIT, seen, &ts);  // EAGAIN/ETIMEDOUT/EINTR all mean: re-check
+  }
+  own->sleepers.fetch_sub(1, std::memory_order_seq_cst);
+}
+
+}  // namespace ringcc::transport::shm

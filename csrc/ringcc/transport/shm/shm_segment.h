@@ -1,0 +1,79 @@
+// Shared-memory layout for ranks on one host.
+//
+// Each rank owns one POSIX shared-memory segment holding its control block (doorbell,
+// state, pid, abort reason) and one single-producer/single-consumer byte ring per peer
+// for the bytes that peer sends to it (its inbox). A sender writes into the receiver's
+// segment, so each ring is written by exactly one process and read by exactly one.
+//
+// The segment name is unlinked as soon as every peer has mapped it (end of
+// communicator setup): nothing is left in /dev/shm even if a process is killed later.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "ringcc/engine/protocol.h"
+
+namespace ringcc::transport::shm {
+
+enum : uint32_t { kStateAlive = 0, kStateClosed = 1, kStateAborted = 2 };
+
+struct alignas(64) ControlBlock {
+  uint64_t magic;
+  uint32_t world_size;
+  uint32_t rank;
+  int32_t pid;
+  uint32_t pad0;
+  uint64_t ring_bytes;
+  // Bumped by anyone who changes something this rank may be waiting for (data in its
+  // inbox, space in a ring it writes to, a peer's abort). The owner futex-waits on it.
+  alignas(64) std::atomic<uint32_t> doorbell;
+  alignas(64) std::atomic<uint32_t> sleepers;
+  alignas(64) std::atomic<uint32_t> state;
+  uint32_t abort_kind;
+  char reason[kMaxAbortText];
+};
+
+struct alignas(64) RingHeader {
+  alignas(64) std::atomic<uint64_t> head;  // bytes consumed; written by the reader only
+  alignas(64) std::atomic<uint64_t> tail;  // bytes produced; written by the writer only
+};
+
+class Segment {
+ public:
+  // Creates and maps a new segment for `rank` (owner side).
+  static Segment create(int rank, int world_size, size_t ring_bytes);
+  // Maps a peer's segment by name and checks its layout.
+  static Segment open(const std::string& name, int expected_rank, int world_size);
+
+  Segment() = default;
+  Segment(Segment&& o) noexcept { *this = std::move(o); }
+  Segment& operator=(Segment&& o) noexcept;
+  ~Segment();
+
+  const std::string& name() const { return name_; }
+  ControlBlock* control() const { return reinterpret_cast<ControlBlock*>(base_); }
+  RingHeader* ring(int writer) const;
+  char* ring_data(int writer) const { return reinterpret_cast<char*>(ring(writer)) + sizeof(RingHeader); }
+  size_t ring_bytes() const { return ring_bytes_; }
+  // Removes the name (the mapping stays valid). Idempotent.
+  void unlink();
+
+  // Wake the owner of this segment if it sleeps on its doorbell.
+  void ring_doorbell() const;
+
+ private:
+  std::string name_;
+  void* base_ = nullptr;
+  size_t size_ = 0;
+  size_t ring_bytes_ = 0;
+  bool owner_ = false;
+  bool unlinked_ = false;
+};
+
+// Waits on the owner's doorbell while it still equals `seen`, at most `timeout_ns`.
+void wait_doorbell(ControlBlock* own, uint32_t seen, long timeout_ns);
+
+}  // namespace ringcc::transport::shm

@@ -1,0 +1,35 @@
+"""ringcc: collective communication over shared memory and TCP, with a native core.
+
+    import ringcc
+    comm = ringcc.Communicator(store, rank, world_size)
+    comm.allreduce(array)            # in place, sum over all ranks
+"""
+
+from ._native import _C
+from .comm import Communicator, Work
+
+__version__ = _C.build_info()["version"]
+
+Error = _C.Error
+TimeoutError = _C.TimeoutError  # noqa: A001 - subclass of the builtin TimeoutError
+PeerError = _C.PeerError
+MismatchError = _C.MismatchError
+AbortedError = _C.AbortedError
+
+
+def info() -> dict:
+    """Version and build options of the installed native core."""
+    return dict(_C.build_info())
+
+
+__all__ = [
+    "Communicator",
+    "Work",
+    "Error",
+    "TimeoutError",
+    "PeerError",
+    "MismatchError",
+    "AbortedError",
+    "info",
+    "__version__",
+]

@@ -1,0 +1,44 @@
+"""The `ringcc` command line: `ringcc info`."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+
+def _info(_args: argparse.Namespace) -> int:
+    import ringcc
+
+    d = ringcc.info()
+    rows = [
+        ("ringcc", d["version"]),
+        ("python", platform.python_version()),
+        ("compiler", f"{d['compiler']} ({d['build_type']})"),
+        ("simd", f"{d['simd_active']} (best on this CPU: {d['simd_best']}; compiled: {', '.join(d['simd_compiled'])})"),
+        ("cuda", "yes" if d["cuda"] else "no (built without CUDA kernels)"),
+        ("transports", ", ".join(d["transports"])),
+    ]
+    try:
+        import torch
+
+        rows.append(("torch", torch.__version__))
+    except ImportError:
+        rows.append(("torch", "not installed (NumPy API only)"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="ringcc", description="ringcc collective communication")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_info = sub.add_parser("info", help="print version and build options")
+    p_info.set_defaults(func=_info)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
