@@ -1,0 +1,284 @@
+"""Property tests of every collective other than allreduce, on both transports and
+world sizes 1..8, against NumPy references; results are checked on every rank."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import run_ranks
+from reference import check_reduction, make_input, ops_for
+
+DATA_DTYPES = ["float16", "float32", "float64", "int8", "uint8", "int32", "int64", "bool"]
+COUNTS = [0, 1, 2, 7, 13, 100, 1021, 70_001]
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+common = dict(
+    world=st.integers(1, 8),
+    count=st.sampled_from(COUNTS),
+    dtype=st.sampled_from(DATA_DTYPES),
+    transport=st.sampled_from(["shm", "tcp"]),
+    seed=st.integers(0, 2**31),
+    segment=st.sampled_from([16, 4096, 256 << 10]),
+)
+
+
+def inputs_for(world, dtype, count, seed, op="sum"):
+    return [make_input(dtype, count, r, seed, op) for r in range(world)]
+
+
+@SETTINGS
+@given(root=st.integers(0, 7), **common)
+def test_broadcast(world, count, dtype, transport, seed, segment, root):
+    root %= world
+    data = inputs_for(world, dtype, count, seed)
+
+    def body(comm):
+        x = data[comm.rank].copy()
+        comm.broadcast(x, root, segment_bytes=segment)
+        return x
+
+    for out in run_ranks(world, body, transport=transport, small_message_bytes=512):
+        np.testing.assert_array_equal(out, data[root])
+
+
+@SETTINGS
+@given(**common)
+def test_allgather(world, count, dtype, transport, seed, segment):
+    data = inputs_for(world, dtype, count, seed)
+
+    def body(comm):
+        return comm.allgather(data[comm.rank])
+
+    want = np.stack(data)
+    for out in run_ranks(world, body, transport=transport):
+        assert out.shape == (world, count)
+        np.testing.assert_array_equal(out, want)
+
+
+@SETTINGS
+@given(world=st.integers(1, 8), sizes=st.lists(st.sampled_from(COUNTS[:6]), min_size=8, max_size=8),
+       transport=st.sampled_from(["shm", "tcp"]), in_place=st.booleans())
+def test_allgather_v(world, sizes, transport, in_place):
+    counts = sizes[:world]
+    data = [np.arange(c, dtype=np.int64) + 1000 * r for r, c in enumerate(counts)]
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+
+    def body(comm):
+        r = comm.rank
+        if in_place:  # the input is this rank's block of the output
+            out = np.zeros(sum(counts), np.int64)
+            out[offsets[r]:offsets[r + 1]] = data[r]
+            return comm.allgather_v(out[offsets[r]:offsets[r + 1]], counts, out=out)
+        return comm.allgather_v(data[r], counts)
+
+    for out in run_ranks(world, body, transport=transport):
+        np.testing.assert_array_equal(out, np.concatenate(data))
+
+
+@SETTINGS
+@given(op_index=st.integers(0, 6), **common)
+def test_reduce_scatter(world, count, dtype, transport, seed, segment, op_index):
+    ops = ops_for(dtype)
+    op = ops[op_index % len(ops)]
+    data = inputs_for(world, dtype, count * world, seed, op)
+
+    def body(comm):
+        x = data[comm.rank]
+        before = x.copy()
+        out = comm.reduce_scatter(x, op, segment_bytes=segment)
+        np.testing.assert_array_equal(x, before)  # input untouched
+        return out
+
+    outs = run_ranks(world, body, transport=transport)
+    for r, out in enumerate(outs):
+        check_reduction(out, [d[r * count:(r + 1) * count] for d in data], op, dtype)
+
+
+@SETTINGS
+@given(world=st.integers(1, 6), sizes=st.lists(st.integers(0, 300), min_size=6, max_size=6),
+       transport=st.sampled_from(["shm", "tcp"]), seed=st.integers(0, 2**31))
+def test_reduce_scatter_uneven_counts(world, sizes, transport, seed):
+    counts = sizes[:world]
+    data = inputs_for(world, "int32", sum(counts), seed)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+
+    outs = run_ranks(world, lambda c: c.reduce_scatter(data[c.rank], "sum", counts=counts), transport=transport)
+    for r, out in enumerate(outs):
+        check_reduction(out, [d[offsets[r]:offsets[r + 1]] for d in data], "sum", "int32")
+
+
+@SETTINGS
+@given(root=st.integers(0, 7), op_index=st.integers(0, 6), **common)
+def test_reduce(world, count, dtype, transport, seed, segment, root, op_index):
+    root %= world
+    ops = ops_for(dtype)
+    op = ops[op_index % len(ops)]
+    data = inputs_for(world, dtype, count, seed, op)
+
+    def body(comm):
+        x = data[comm.rank].copy()
+        out = comm.reduce(x, root, op)
+        if comm.rank != root:
+            assert out is None
+            np.testing.assert_array_equal(x, data[comm.rank])  # non-root input untouched
+        return out
+
+    outs = run_ranks(world, body, transport=transport, small_message_bytes=1024)
+    check_reduction(outs[root], data, op, dtype)
+
+
+@SETTINGS
+@given(root=st.integers(0, 7), **common)
+def test_gather_and_scatter(world, count, dtype, transport, seed, segment, root):
+    root %= world
+    data = inputs_for(world, dtype, count, seed)
+    full = make_input(dtype, count * world, 99, seed, "sum")
+
+    def body(comm):
+        gathered = comm.gather(data[comm.rank], root)
+        out = np.zeros(count, dtype=full.dtype)
+        comm.scatter(full if comm.rank == root else None, out, root)
+        return gathered, out
+
+    outs = run_ranks(world, body, transport=transport)
+    for r, (gathered, out) in enumerate(outs):
+        if r == root:
+            np.testing.assert_array_equal(gathered, np.stack(data))
+        else:
+            assert gathered is None
+        np.testing.assert_array_equal(out, full[r * count:(r + 1) * count])
+
+
+@SETTINGS
+@given(**common)
+def test_alltoall(world, count, dtype, transport, seed, segment):
+    data = inputs_for(world, dtype, count * world, seed)
+
+    outs = run_ranks(world, lambda c: c.alltoall(data[c.rank].reshape(world, count)), transport=transport)
+    for r, out in enumerate(outs):
+        want = np.stack([data[src][r * count:(r + 1) * count] for src in range(world)])
+        np.testing.assert_array_equal(out, want)
+
+
+@SETTINGS
+@given(world=st.integers(1, 6), matrix=st.lists(st.integers(0, 50), min_size=36, max_size=36),
+       transport=st.sampled_from(["shm", "tcp"]), in_place=st.booleans())
+def test_alltoall_v(world, matrix, transport, in_place):
+    # split[i][j]: elements rank i sends to rank j.
+    split = [[matrix[i * 6 + j] for j in range(world)] for i in range(world)]
+
+    def payload(i, j):
+        return np.arange(split[i][j], dtype=np.float64) + 100 * i + 10000 * j
+
+    def body(comm):
+        r = comm.rank
+        send = np.concatenate([payload(r, j) for j in range(world)])
+        recv_counts = [split[i][r] for i in range(world)]
+        if in_place and sum(split[r]) == sum(recv_counts):
+            return comm.alltoall(send, out=send, send_counts=split[r], recv_counts=recv_counts)
+        return comm.alltoall(send, send_counts=split[r], recv_counts=recv_counts)
+
+    outs = run_ranks(world, body, transport=transport)
+    for r, out in enumerate(outs):
+        np.testing.assert_array_equal(out, np.concatenate([payload(i, r) for i in range(world)]))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_barrier_orders_ranks(transport, world):
+    """Every rank's pre-barrier write is visible to every rank after the barrier."""
+    arrived = [False] * world
+
+    def body(comm):
+        arrived[comm.rank] = True
+        comm.barrier()
+        return all(arrived)
+
+    assert all(run_ranks(world, body, transport=transport))
+
+
+def test_send_recv_ordered_with_tags(transport):
+    def body(comm):
+        if comm.rank == 0:
+            for i in range(5):
+                comm.send(np.full(10 + i, i, np.int32), 1, tag=i)
+            return None
+        got = []
+        for i in range(5):
+            x = np.empty(10 + i, np.int32)
+            comm.recv(x, 0, tag=i)
+            got.append(x)
+        return got
+
+    got = run_ranks(2, body, transport=transport)[1]
+    for i, x in enumerate(got):
+        np.testing.assert_array_equal(x, np.full(10 + i, i, np.int32))
+
+
+def test_send_recv_does_not_disturb_collectives(transport):
+    """Ranks 0 and 1 exchange point-to-point messages between collectives that rank 2
+    also joins; the collective sequence numbers stay in step."""
+    def body(comm):
+        x = np.ones(4, np.float32)
+        if comm.rank == 0:
+            comm.send(np.arange(3.0), 1)
+        elif comm.rank == 1:
+            y = np.empty(3)
+            comm.recv(y, 0)
+            assert y.tolist() == [0.0, 1.0, 2.0]
+        comm.allreduce(x)
+        return x
+
+    for out in run_ranks(3, body, transport=transport):
+        np.testing.assert_array_equal(out, np.full(4, 3, np.float32))
+
+
+def test_async_ops_complete_in_issue_order():
+    def body(comm):
+        xs = [np.full(1000, comm.rank + i, np.int64) for i in range(20)]
+        works = [comm.allreduce(x, async_op=True) for x in xs]
+        return [w.wait() for w in works]
+
+    world = 3
+    for outs in run_ranks(world, body):
+        for i, x in enumerate(outs):
+            np.testing.assert_array_equal(x, np.full(1000, sum(r + i for r in range(world))))
+
+
+def test_torch_tensors_and_torch_stores():
+    torch = pytest.importorskip("torch")
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+
+    def body(comm):
+        t = torch.arange(10, dtype=torch.bfloat16) * (comm.rank + 1)
+        comm.allreduce(t)
+        g = comm.allgather(torch.tensor([comm.rank], dtype=torch.int64))
+        return t, g
+
+    outs = run_ranks(2, body, store=store)
+    for t, g in outs:
+        assert torch.equal(t, torch.arange(10, dtype=torch.bfloat16) * 3)
+        assert g.tolist() == [[0], [1]]
+
+
+def test_transport_selection():
+    assert run_ranks(2, lambda c: c.transport_to(1 - c.rank), transport="auto") == ["shm", "shm"]
+    assert run_ranks(2, lambda c: c.transport_to(1 - c.rank), transport="tcp") == ["tcp", "tcp"]
+    assert run_ranks(2, lambda c: c.transport_to(1 - c.rank), transport="tcp", tcp_streams=3) == ["tcp", "tcp"]
+
+
+def test_tcp_multi_stream_striping():
+    """Several connections per peer: a payload crossing many 256 KiB stripes arrives intact."""
+    data = [np.random.default_rng(r).standard_normal(700_001) for r in range(3)]
+
+    def body(comm):
+        x = data[comm.rank].copy()
+        comm.allreduce(x)
+        return x
+
+    for out in run_ranks(3, body, transport="tcp", tcp_streams=3):
+        np.testing.assert_allclose(out, sum(data), rtol=1e-12, atol=1e-12)
