@@ -77,9 +77,16 @@ def _dtype_code(name: str, what: str):
     raise TypeError(f"{what}: dtype {name} is not supported (supported: {SUPPORTED})")
 
 
+_NUMPY_CACHE: dict = {}  # np.dtype -> (code, is_complex, name); dtype.name alone costs microseconds
+
+
 def _from_numpy(arr: np.ndarray, obj: Any, what: str, writable: bool) -> Buffer:
-    name = arr.dtype.name
-    code, is_complex = _dtype_code(name, what)
+    hit = _NUMPY_CACHE.get(arr.dtype)
+    if hit is None:
+        name = arr.dtype.name
+        code, is_complex = _dtype_code(name, what)
+        hit = _NUMPY_CACHE[arr.dtype] = (code, is_complex, name)
+    code, is_complex, name = hit
     if not arr.flags.c_contiguous:
         raise ValueError(
             f"{what}: array is not C-contiguous (shape {arr.shape}, strides {arr.strides}); "
@@ -87,8 +94,9 @@ def _from_numpy(arr: np.ndarray, obj: Any, what: str, writable: bool) -> Buffer:
         )
     if writable and not arr.flags.writeable:
         raise ValueError(f"{what}: array is read-only but ringcc must write into it")
+    ptr, nbytes, _ = _C.buffer_info(arr) if arr.nbytes else (0, 0, True)
     count = arr.size * (2 if is_complex else 1)
-    return Buffer(obj, arr.__array_interface__["data"][0], arr.nbytes, code, count, is_complex, name, "numpy")
+    return Buffer(obj, ptr, nbytes, code, count, is_complex, name, "numpy")
 
 
 def _from_torch(t, what: str, torch) -> Buffer:

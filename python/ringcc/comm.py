@@ -196,7 +196,7 @@ class Communicator:
             tcp_streams=tcp_streams or _env_int("RINGCC_TCP_STREAMS", 1),
             tcp_stripe_bytes=256 << 10,
             timeout=self.timeout,
-            spin_seconds=(spin_us if spin_us is not None else float(os.environ.get("RINGCC_SPIN_US", "20"))) * 1e-6,
+            spin_seconds=(spin_us if spin_us is not None else float(os.environ.get("RINGCC_SPIN_US", "100"))) * 1e-6,
             segment_bytes=segment_bytes or _env_int("RINGCC_SEGMENT_BYTES", 256 << 10),
             small_message_bytes=small_message_bytes
             if small_message_bytes is not None
@@ -236,24 +236,26 @@ class Communicator:
                 async_op: bool = False, result: Any = None):
         if algorithm is not None and algorithm not in _ALGORITHMS:
             raise ValueError(f"algorithm must be one of {sorted(_ALGORITHMS)}, got {algorithm!r}")
-        work = self._native.submit(
-            kind=kind,
-            dtype=ref.dtype,
-            op=op,
-            root=root,
-            peer=peer,
-            is_send=is_send,
-            tag=int(tag),
-            in_ptr=src.ptr if src else 0,
-            in_bytes=src.nbytes if src else 0,
-            out_ptr=dst.ptr if dst else 0,
-            out_bytes=dst.nbytes if dst else 0,
-            count=int(count),
-            counts=[int(c) for c in counts],
-            recv_counts=[int(c) for c in recv_counts],
-            timeout=-1.0 if timeout is None else _seconds(timeout, "timeout"),
-            algorithm=_ALGORITHMS[algorithm or "auto"],
-            segment_bytes=int(segment_bytes or 0),
+        call = self._native.submit if async_op else self._native.run
+        # Positional: keyword parsing would double the cost of a small collective.
+        work = call(
+            kind,
+            ref.dtype,
+            op,
+            root,
+            peer,
+            is_send,
+            int(tag),
+            src.ptr if src else 0,
+            src.nbytes if src else 0,
+            dst.ptr if dst else 0,
+            dst.nbytes if dst else 0,
+            int(count),
+            [int(c) for c in counts],
+            [int(c) for c in recv_counts],
+            -1.0 if timeout is None else _seconds(timeout, "timeout"),
+            _ALGORITHMS[algorithm or "auto"],
+            int(segment_bytes or 0),
         )
         handle = Work(work, result, (src.obj if src else None, dst.obj if dst else None))
         return handle if async_op else handle.wait()

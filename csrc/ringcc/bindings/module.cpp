@@ -70,6 +70,32 @@ kernels::SimdLevel parse_simd(const std::string& s) {
 
 void* ptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
 
+OpDesc make_desc(Collective kind, DataType dtype, std::optional<ReduceOp> op, int root, int peer, bool is_send,
+                 int64_t tag, uintptr_t in, size_t in_bytes, uintptr_t out, size_t out_bytes, size_t count,
+                 std::vector<size_t> counts, std::vector<size_t> recv_counts, double timeout, Algorithm algorithm,
+                 size_t segment_bytes) {
+  OpDesc d;
+  d.kind = kind;
+  d.dtype = dtype;
+  d.has_op = op.has_value();
+  if (op) d.op = *op;
+  d.root = root;
+  d.peer = peer;
+  d.is_send = is_send;
+  d.tag = tag;
+  d.in = ptr(in);
+  d.in_bytes = in_bytes;
+  d.out = ptr(out);
+  d.out_bytes = out_bytes;
+  d.count = count;
+  d.counts = std::move(counts);
+  d.recv_counts = std::move(recv_counts);
+  d.timeout_seconds = timeout;
+  d.algorithm = algorithm;
+  d.segment_bytes = segment_bytes;
+  return d;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -114,6 +140,15 @@ PYBIND11_MODULE(_C, m) {
       .value("recursive_doubling", Algorithm::kRecursiveDoubling);
 
   m.def("element_size", [](DataType t) { return element_size(t); });
+  // Address, size and writability of a contiguous buffer-protocol object: the cheap way
+  // to get a NumPy array's pointer (its __array_interface__ costs microseconds).
+  m.def("buffer_info", [](py::handle obj) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(obj.ptr(), &view, PyBUF_ANY_CONTIGUOUS) != 0) throw py::error_already_set();
+    auto out = py::make_tuple(reinterpret_cast<uintptr_t>(view.buf), static_cast<size_t>(view.len), !view.readonly);
+    PyBuffer_Release(&view);
+    return out;
+  });
   m.def("op_supported", &op_supported);
 
   py::class_<Work, std::shared_ptr<Work>>(m, "Work")
@@ -167,36 +202,32 @@ PYBIND11_MODULE(_C, m) {
       .def("local_info", &Communicator::local_info)
       .def("connect", &Communicator::connect, py::call_guard<py::gil_scoped_release>())
       .def("link_kind", &Communicator::link_kind)
+      // submit: queue for the progress thread. run: the same for a caller about to
+      // wait, executed inline (without the GIL) when the communicator is idle.
       .def("submit",
            [](Communicator& c, Collective kind, DataType dtype, std::optional<ReduceOp> op, int root, int peer,
               bool is_send, int64_t tag, uintptr_t in, size_t in_bytes, uintptr_t out, size_t out_bytes,
               size_t count, std::vector<size_t> counts, std::vector<size_t> recv_counts, double timeout,
               Algorithm algorithm, size_t segment_bytes) {
-             OpDesc d;
-             d.kind = kind;
-             d.dtype = dtype;
-             d.has_op = op.has_value();
-             if (op) d.op = *op;
-             d.root = root;
-             d.peer = peer;
-             d.is_send = is_send;
-             d.tag = tag;
-             d.in = ptr(in);
-             d.in_bytes = in_bytes;
-             d.out = ptr(out);
-             d.out_bytes = out_bytes;
-             d.count = count;
-             d.counts = std::move(counts);
-             d.recv_counts = std::move(recv_counts);
-             d.timeout_seconds = timeout;
-             d.algorithm = algorithm;
-             d.segment_bytes = segment_bytes;
-             return c.submit(std::move(d));
+             return c.submit(make_desc(kind, dtype, op, root, peer, is_send, tag, in, in_bytes, out, out_bytes, count,
+                                       std::move(counts), std::move(recv_counts), timeout, algorithm, segment_bytes));
            },
            py::arg("kind"), py::arg("dtype"), py::arg("op"), py::arg("root"), py::arg("peer"), py::arg("is_send"),
            py::arg("tag"), py::arg("in_ptr"), py::arg("in_bytes"), py::arg("out_ptr"), py::arg("out_bytes"),
            py::arg("count"), py::arg("counts"), py::arg("recv_counts"), py::arg("timeout"), py::arg("algorithm"),
            py::arg("segment_bytes"))
+      .def("run",
+           [](Communicator& c, Collective kind, DataType dtype, std::optional<ReduceOp> op, int root, int peer,
+              bool is_send, int64_t tag, uintptr_t in, size_t in_bytes, uintptr_t out, size_t out_bytes,
+              size_t count, std::vector<size_t> counts, std::vector<size_t> recv_counts, double timeout,
+              Algorithm algorithm, size_t segment_bytes) {
+             return c.run(make_desc(kind, dtype, op, root, peer, is_send, tag, in, in_bytes, out, out_bytes, count,
+                                    std::move(counts), std::move(recv_counts), timeout, algorithm, segment_bytes));
+           },
+           py::arg("kind"), py::arg("dtype"), py::arg("op"), py::arg("root"), py::arg("peer"), py::arg("is_send"),
+           py::arg("tag"), py::arg("in_ptr"), py::arg("in_bytes"), py::arg("out_ptr"), py::arg("out_bytes"),
+           py::arg("count"), py::arg("counts"), py::arg("recv_counts"), py::arg("timeout"), py::arg("algorithm"),
+           py::arg("segment_bytes"), py::call_guard<py::gil_scoped_release>())
       .def("close", &Communicator::close, py::call_guard<py::gil_scoped_release>())
       .def("abort", &Communicator::abort, py::arg("reason"), py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("is_aborted", &Communicator::is_aborted)

@@ -1,5 +1,7 @@
 #include "ringcc/engine/communicator.h"
 
+#include <sched.h>
+
 #include <algorithm>
 #include <cstring>
 
@@ -87,6 +89,9 @@ void Communicator::connect(const std::vector<std::string>& infos) {
     throw PeerError(ra.text);
   }
   mesh_.finish_setup();
+  cpu_set_t cpus;
+  int ncpu = sched_getaffinity(0, sizeof(cpus), &cpus) == 0 ? CPU_COUNT(&cpus) : 1;
+  oversubscribed_ = mesh_.local_ranks() > ncpu;
   std::lock_guard<std::mutex> lock(mu_);
   connected_ = true;
   thread_ = std::thread([this] { progress_loop(); });
@@ -207,21 +212,30 @@ OpHeader Communicator::header_for(const OpDesc& d) {
   return h;
 }
 
-std::shared_ptr<Work> Communicator::submit(OpDesc d) {
+std::shared_ptr<Work> Communicator::submit(OpDesc d) { return enqueue(std::move(d), false); }
+
+std::shared_ptr<Work> Communicator::run(OpDesc d) { return enqueue(std::move(d), true); }
+
+std::shared_ptr<Work> Communicator::enqueue(OpDesc d, bool inline_if_idle) {
   validate(d);
-  std::lock_guard<std::mutex> lock(mu_);
+  std::unique_lock<std::mutex> lock(mu_);
   RINGCC_CHECK_ARG(connected_, "communicator is not connected");
   if (closed_ || stopping_)
     RINGCC_THROW(AbortedError, collective_name(d.kind), ": rank ", rank_, ": the communicator is closed");
   OpHeader h = header_for(d);
-  auto work = std::make_shared<Work>(h.seq, describe(h));
-  if (aborted_.load()) {
-    std::lock_guard<std::mutex> rlock(reason_mu_);
-    work->finish(make_error(abort_kind_, "the communicator was aborted earlier: " + abort_reason_));
+  auto work = std::make_shared<Work>(h);
+  Queued q{std::move(d), h, work};
+  if (inline_if_idle && queue_.empty() && !busy_) {
+    busy_ = true;
+    lock.unlock();
+    run_one(q);
+    lock.lock();
+    busy_ = false;
+    cv_.notify_all();
     return work;
   }
-  queue_.push_back(Queued{std::move(d), h, work});
-  cv_.notify_one();
+  queue_.push_back(std::move(q));
+  cv_.notify_all();
   return work;
 }
 
@@ -233,6 +247,7 @@ void Communicator::execute(const OpDesc& d, const OpHeader& h) {
   ctx.deadline = Deadline::after(timeout);
   ctx.interrupted = &interrupted_;
   ctx.spin_seconds = options_.spin_seconds;
+  ctx.yield_while_spinning = oversubscribed_;
   algorithms::Tuning t{d.segment_bytes ? d.segment_bytes : options_.segment_bytes,
                        options_.small_message_bytes};
   OpDesc local = d;
@@ -277,49 +292,60 @@ void Communicator::progress_loop() {
     Queued q;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+      cv_.wait(lock, [&] { return !busy_ && (stopping_ || !queue_.empty()); });
       if (queue_.empty()) return;
       q = std::move(queue_.front());
       queue_.pop_front();
+      busy_ = true;
     }
-    if (aborted_.load() || interrupted_.load()) {
-      std::lock_guard<std::mutex> lock(reason_mu_);
-      q.work->finish(aborted_.load()
-                         ? make_error(abort_kind_, "the communicator was aborted earlier: " + abort_reason_)
-                         : make_error(AbortKind::kUser, describe(q.header) + " was cancelled: the communicator is being aborted"));
-      continue;
+    run_one(q);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      busy_ = false;
     }
-    std::exception_ptr error;
-    AbortKind kind = AbortKind::kGeneric;
-    std::string text;
-    try {
-      execute(q.desc, q.header);
-    } catch (const RemoteAbort& ra) {
-      kind = ra.kind;
-      text = ra.text;
-    } catch (const TimeoutError& e) {
-      kind = AbortKind::kTimeout;
-      text = e.what();
-    } catch (const MismatchError& e) {
-      kind = AbortKind::kMismatch;
-      text = e.what();
-    } catch (const PeerError& e) {
-      kind = AbortKind::kPeer;
-      text = e.what();
-    } catch (const AbortedError& e) {
-      kind = AbortKind::kUser;
-      text = e.what();
-    } catch (const std::exception& e) {
-      text = e.what();
-    }
-    if (!text.empty()) {
-      // Tell every peer first, so ranks blocked elsewhere fail now, not at their timeout.
-      fail(kind, text);
-      std::lock_guard<std::mutex> lock(reason_mu_);
-      error = make_error(abort_kind_, abort_reason_);
-    }
-    q.work->finish(error);
+    cv_.notify_all();
   }
+}
+
+void Communicator::run_one(Queued& q) {
+  if (aborted_.load() || interrupted_.load()) {
+    std::lock_guard<std::mutex> lock(reason_mu_);
+    q.work->finish(aborted_.load()
+                       ? make_error(abort_kind_, "the communicator was aborted earlier: " + abort_reason_)
+                       : make_error(AbortKind::kUser,
+                                    describe(q.header) + " was cancelled: the communicator is being aborted"));
+    return;
+  }
+  std::exception_ptr error;
+  AbortKind kind = AbortKind::kGeneric;
+  std::string text;
+  try {
+    execute(q.desc, q.header);
+  } catch (const RemoteAbort& ra) {
+    kind = ra.kind;
+    text = ra.text;
+  } catch (const TimeoutError& e) {
+    kind = AbortKind::kTimeout;
+    text = e.what();
+  } catch (const MismatchError& e) {
+    kind = AbortKind::kMismatch;
+    text = e.what();
+  } catch (const PeerError& e) {
+    kind = AbortKind::kPeer;
+    text = e.what();
+  } catch (const AbortedError& e) {
+    kind = AbortKind::kUser;
+    text = e.what();
+  } catch (const std::exception& e) {
+    text = e.what();
+  }
+  if (!text.empty()) {
+    // Tell every peer first, so ranks blocked elsewhere fail now, not at their timeout.
+    fail(kind, text);
+    std::lock_guard<std::mutex> lock(reason_mu_);
+    error = make_error(abort_kind_, abort_reason_);
+  }
+  q.work->finish(error);
 }
 
 void Communicator::close() {
@@ -331,6 +357,7 @@ void Communicator::close() {
   }
   cv_.notify_all();
   if (thread_.joinable()) thread_.join();
+  wait_idle();
   if (!aborted_.load()) mesh_.close();
 }
 
@@ -346,7 +373,13 @@ void Communicator::abort(const std::string& reason) {
   }
   cv_.notify_all();
   if (thread_.joinable()) thread_.join();
+  wait_idle();  // an operation running inline on a caller thread sees interrupted_ soon
   fail(AbortKind::kUser, detail::concat("rank ", rank_, " aborted the communicator: ", reason));
+}
+
+void Communicator::wait_idle() {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [&] { return !busy_; });
 }
 
 std::string Communicator::abort_reason() {

@@ -1,6 +1,7 @@
 #include "ringcc/engine/exchange.h"
 
 #include <poll.h>
+#include <sched.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -387,7 +388,8 @@ void Runner::run() {
       RINGCC_THROW(AbortedError, who(), ": the communicator was aborted during ", describe(ctx_.op));
     if (now >= ctx_.deadline.at) timeout();
     if (now - idle_since < spin) {
-      RINGCC_CPU_RELAX();
+      if (ctx_.yield_while_spinning) sched_yield();
+      else RINGCC_CPU_RELAX();
       continue;
     }
     check_peers();

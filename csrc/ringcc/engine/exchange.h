@@ -54,6 +54,8 @@ struct OpContext {
   ReduceOp reduce_op = ReduceOp::kSum;
   const std::atomic<bool>* interrupted = nullptr;  // set by Communicator::abort()
   double spin_seconds = 20e-6;
+  // More local ranks than CPUs: spin with sched_yield() so the peer we wait for can run.
+  bool yield_while_spinning = false;
 
   int rank() const { return mesh->rank(); }
   int size() const { return mesh->size(); }

@@ -127,6 +127,12 @@ std::string Mesh::local_info() const {
                         ";streams=", options_.tcp_streams);
 }
 
+int Mesh::local_ranks() const {
+  int n = 1;
+  for (const auto& l : links_) n += l && l->kind() == LinkKind::kShm ? 1 : 0;
+  return n;
+}
+
 std::string Mesh::link_kind(int peer) const {
   if (peer == rank_ || !links_[peer]) return "self";
   return links_[peer]->kind() == LinkKind::kShm ? "shm" : "tcp";

@@ -42,6 +42,8 @@ class Mesh {
   int rank() const { return rank_; }
   int size() const { return size_; }
   transport::Link* link(int peer) const { return links_[peer].get(); }
+  // Ranks of this communicator on this host, this one included.
+  int local_ranks() const;
   // "shm" / "tcp" per peer, for info and tests.
   std::string link_kind(int peer) const;
 

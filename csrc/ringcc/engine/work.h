@@ -8,12 +8,13 @@
 #include <string>
 #include <vector>
 
+#include "ringcc/engine/protocol.h"
+
 namespace ringcc {
 
 class Work {
  public:
-  Work(uint64_t seq, std::string description)
-      : seq_(seq), description_(std::move(description)) {}
+  explicit Work(const OpHeader& header) : header_(header) {}
 
   bool is_completed();
   // Blocks until completion or `timeout_seconds` (< 0: no limit). Returns false on
@@ -21,8 +22,9 @@ class Work {
   bool wait(double timeout_seconds);
   // The error, if the operation failed (nullptr otherwise or while running).
   std::exception_ptr error();
-  uint64_t seq() const { return seq_; }
-  const std::string& description() const { return description_; }
+  uint64_t seq() const { return header_.seq; }
+  // "allreduce(seq=3, dtype=float32, ...)"; built on demand, not on the hot path.
+  std::string description() const { return describe(header_); }
   // Runs `fn` on the progress thread when the work completes (at once if it has).
   void add_done_callback(std::function<void()> fn);
 
@@ -35,8 +37,7 @@ class Work {
   bool done_ = false;
   std::exception_ptr error_;
   std::vector<std::function<void()>> callbacks_;
-  const uint64_t seq_;
-  const std::string description_;
+  const OpHeader header_;
 };
 
 }  // namespace ringcc

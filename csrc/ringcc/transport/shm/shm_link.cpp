@@ -76,9 +76,16 @@ PeerState ShmLink::peer_state() {
   uint32_t s = c->state.load(std::memory_order_acquire);
   if (s == kStateAborted) return PeerState::kAborted;
   if (s == kStateClosed) return PeerState::kClosed;
-  // A killed process cannot mark itself; its pid disappearing is the only trace.
-  if (!same_process_ && kill(c->pid, 0) != 0 && errno == ESRCH) return PeerState::kDead;
-  return PeerState::kAlive;
+  // A killed process cannot mark itself; its pid disappearing is the only trace. The
+  // check is a syscall, so it runs at most every 20 ms.
+  if (!same_process_ && !dead_) {
+    auto now = Clock::now();
+    if (now >= next_pid_check_) {
+      next_pid_check_ = now + std::chrono::milliseconds(20);
+      dead_ = kill(c->pid, 0) != 0 && errno == ESRCH;
+    }
+  }
+  return dead_ ? PeerState::kDead : PeerState::kAlive;
 }
 
 std::string ShmLink::peer_abort(AbortKind* kind) {

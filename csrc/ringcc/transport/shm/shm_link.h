@@ -1,6 +1,7 @@
 // A link to a peer on the same host through the two shared-memory rings of the pair.
 #pragma once
 
+#include "ringcc/common/clock.h"
 #include "ringcc/transport/link.h"
 #include "ringcc/transport/shm/shm_segment.h"
 
@@ -30,6 +31,8 @@ class ShmLink final : public Link {
   char* in_data_;
   size_t cap_;       // both rings have the same capacity (the layout is checked at open)
   bool same_process_;
+  bool dead_ = false;
+  Clock::time_point next_pid_check_{};
 };
 
 }  // namespace ringcc::transport::shm
