@@ -282,3 +282,64 @@ def test_tcp_multi_stream_striping():
 
     for out in run_ranks(3, body, transport="tcp", tcp_streams=3):
         np.testing.assert_allclose(out, sum(data), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("world", [1, 3, 4])
+def test_outputs_stay_inside_their_buffers(transport, world):
+    """Every collective writing into caller-provided outputs with guard bytes on both
+    sides: no byte outside the output changes, and inputs are left untouched."""
+    from guarded import Guarded
+
+    count = 37  # ragged against every world size and segment size used here
+
+    def body(comm):
+        r, n = comm.rank, comm.world_size
+        src = Guarded("int32", count).fill_from(np.arange(count) + 100 * r)
+        src_before = src.bytes()
+        outs = {}
+
+        def out(name, elements):
+            outs[name] = Guarded("int32", elements)
+            return outs[name].array
+
+        comm.allreduce(src.array, out=out("allreduce", count), segment_bytes=16)
+        comm.allgather(src.array, out=out("allgather", n * count).reshape(n, count))
+        comm.allgather_v(src.array[: r + 1], [i + 1 for i in range(n)], out=out("allgather_v", n * (n + 1) // 2))
+        big = Guarded("int32", n * count).fill_from(np.arange(n * count) + r)
+        comm.reduce_scatter(big.array, out=out("reduce_scatter", count), segment_bytes=16)
+        comm.reduce(src.array, 0, out=out("reduce", count) if r == 0 else None)
+        comm.gather(src.array, 0, out=out("gather", n * count).reshape(n, count) if r == 0 else None)
+        comm.scatter(big.array if r == n - 1 else None, out("scatter", count), root=n - 1)
+        comm.alltoall(big.array.reshape(n, count), out=out("alltoall", n * count).reshape(n, count))
+        bcast = Guarded("int32", count).fill_from(np.full(count, r))
+        comm.broadcast(bcast.array, root=n - 1, segment_bytes=16)
+        outs["broadcast"] = bcast
+        if n > 1:
+            if r == 0:
+                comm.send(src.array, 1, tag=3)
+            elif r == 1:
+                comm.recv(out("recv", count), 0, tag=3)
+        for name, g in outs.items():
+            g.assert_guards_intact()
+        src.assert_guards_intact()
+        big.assert_guards_intact()
+        assert src.bytes() == src_before, "an input was modified"
+        return {name: np.frombuffer(g.bytes(), np.int32).copy() for name, g in outs.items()}
+
+    results = run_ranks(world, body, transport=transport, small_message_bytes=64)
+    n = world
+    base = [np.arange(count) + 100 * r for r in range(n)]
+    bigs = [np.arange(n * count) + r for r in range(n)]
+    for r, got in enumerate(results):
+        np.testing.assert_array_equal(got["allreduce"], sum(base))
+        np.testing.assert_array_equal(got["allgather"], np.concatenate(base))
+        np.testing.assert_array_equal(got["allgather_v"], np.concatenate([base[i][: i + 1] for i in range(n)]))
+        np.testing.assert_array_equal(got["reduce_scatter"], sum(bigs)[r * count:(r + 1) * count])
+        np.testing.assert_array_equal(got["scatter"], bigs[n - 1][r * count:(r + 1) * count])
+        np.testing.assert_array_equal(got["alltoall"], np.concatenate([b[r * count:(r + 1) * count] for b in bigs]))
+        np.testing.assert_array_equal(got["broadcast"], np.full(count, n - 1))
+        if r == 0:
+            np.testing.assert_array_equal(got["reduce"], sum(base))
+            np.testing.assert_array_equal(got["gather"], np.concatenate(base))
+        if r == 1:
+            np.testing.assert_array_equal(got["recv"], base[0])
