@@ -269,6 +269,15 @@ class Communicator:
             raise ValueError(f"{name}: need {self.world_size} non-negative per-rank counts, got {counts}")
         return [c * (2 if buf.is_complex else 1) for c in counts]
 
+    @staticmethod
+    def _output(src: Buffer, out, shape, name: str) -> Buffer:
+        """The caller's `out`, or a new array of `shape` like `src`; dtypes must match."""
+        if out is None:
+            out = _buffers.new_output(src, shape)
+        dst = as_buffer(out, f"{name} output", writable=True)
+        _buffers.same_dtype(src, dst, name)
+        return dst
+
     def _check_root(self, root: int, name: str) -> None:
         if not isinstance(root, int) or not 0 <= root < self.world_size:
             raise ValueError(f"{name}: root {root!r} is out of range for {self.world_size} ranks")
@@ -294,10 +303,7 @@ class Communicator:
     def allgather(self, tensor, *, out=None, async_op: bool = False, timeout=None):
         """Concatenate every rank's `tensor` (equal sizes); `out` has shape (world_size, *tensor.shape)."""
         src = as_buffer(tensor, "allgather input")
-        if out is None:
-            out = _buffers.new_output(src, (self.world_size,) + tuple(src.obj.shape))
-        dst = as_buffer(out, "allgather output", writable=True)
-        _buffers.same_dtype(src, dst, "allgather")
+        dst = self._output(src, out, (self.world_size,) + tuple(src.obj.shape), "allgather")
         return self._submit(COLL.allgather, src=src, dst=dst, ref=src, count=src.count, timeout=timeout,
                             async_op=async_op, result=dst.obj)
 
@@ -305,10 +311,7 @@ class Communicator:
         """Concatenate every rank's 1-D `tensor` where rank i contributes counts[i] elements."""
         src = as_buffer(tensor, "allgather_v input")
         scaled = self._scale(src, counts, "allgather_v")
-        if out is None:
-            out = _buffers.new_output(src, (sum(int(c) for c in counts),))
-        dst = as_buffer(out, "allgather_v output", writable=True)
-        _buffers.same_dtype(src, dst, "allgather_v")
+        dst = self._output(src, out, (sum(int(c) for c in counts),), "allgather_v")
         return self._submit(COLL.allgather_v, src=src, dst=dst, ref=src, count=0, counts=scaled, timeout=timeout,
                             async_op=async_op, result=dst.obj)
 
@@ -333,10 +336,7 @@ class Communicator:
         else:
             scaled = self._scale(src, counts, "reduce_scatter")
             block_shape = (int(counts[self.rank]),)
-        if out is None:
-            out = _buffers.new_output(src, block_shape)
-        dst = as_buffer(out, "reduce_scatter output", writable=True)
-        _buffers.same_dtype(src, dst, "reduce_scatter")
+        dst = self._output(src, out, block_shape, "reduce_scatter")
         return self._submit(COLL.reduce_scatter, src=src, dst=dst, ref=src, count=0, counts=scaled, op=code,
                             timeout=timeout, segment_bytes=segment_bytes, async_op=async_op, result=dst.obj)
 
@@ -360,10 +360,7 @@ class Communicator:
         src = as_buffer(tensor, "gather input")
         dst = None
         if self.rank == root:
-            if out is None:
-                out = _buffers.new_output(src, (self.world_size,) + tuple(src.obj.shape))
-            dst = as_buffer(out, "gather output", writable=True)
-            _buffers.same_dtype(src, dst, "gather")
+            dst = self._output(src, out, (self.world_size,) + tuple(src.obj.shape), "gather")
         return self._submit(COLL.gather, src=src, dst=dst, ref=src, count=src.count, root=root, timeout=timeout,
                             async_op=async_op, result=dst.obj if dst else None)
 
@@ -393,18 +390,12 @@ class Communicator:
             shape = tuple(src.obj.shape)
             if len(shape) == 0 or shape[0] % n:
                 raise ValueError(f"alltoall: input shape {shape} does not split into {n} equal blocks along dim 0")
-            if out is None:
-                out = _buffers.new_output(src, shape)
-            dst = as_buffer(out, "alltoall output", writable=True)
-            _buffers.same_dtype(src, dst, "alltoall")
+            dst = self._output(src, out, shape, "alltoall")
             return self._submit(COLL.alltoall, src=src, dst=dst, ref=src, count=src.count // n, timeout=timeout,
                                 async_op=async_op, result=dst.obj)
         sc = self._scale(src, send_counts, "alltoall send_counts")
         rc = self._scale(src, recv_counts, "alltoall recv_counts")
-        if out is None:
-            out = _buffers.new_output(src, (sum(int(c) for c in recv_counts),))
-        dst = as_buffer(out, "alltoall output", writable=True)
-        _buffers.same_dtype(src, dst, "alltoall")
+        dst = self._output(src, out, (sum(int(c) for c in recv_counts),), "alltoall")
         return self._submit(COLL.alltoall_v, src=src, dst=dst, ref=src, count=0, counts=sc, recv_counts=rc,
                             timeout=timeout, async_op=async_op, result=dst.obj)
 

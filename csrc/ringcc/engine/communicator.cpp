@@ -228,10 +228,18 @@ std::shared_ptr<Work> Communicator::enqueue(OpDesc d, bool inline_if_idle) {
   if (inline_if_idle && queue_.empty() && !busy_) {
     busy_ = true;
     lock.unlock();
+    // busy_ must be cleared however run_one() leaves, or close() would wait forever.
+    struct Idle {
+      Communicator* c;
+      ~Idle() {
+        {
+          std::lock_guard<std::mutex> g(c->mu_);
+          c->busy_ = false;
+        }
+        c->cv_.notify_all();
+      }
+    } idle{this};
     run_one(q);
-    lock.lock();
-    busy_ = false;
-    cv_.notify_all();
     return work;
   }
   queue_.push_back(std::move(q));
@@ -276,7 +284,7 @@ void Communicator::execute(const OpDesc& d, const OpHeader& h) {
   }
 }
 
-void Communicator::fail(AbortKind kind, const std::string& reason) {
+void Communicator::fail(AbortKind kind, const std::string& reason) noexcept {
   {
     std::lock_guard<std::mutex> lock(reason_mu_);
     if (aborted_.load()) return;
@@ -298,7 +306,11 @@ void Communicator::progress_loop() {
       queue_.pop_front();
       busy_ = true;
     }
-    run_one(q);
+    try {
+      run_one(q);
+    } catch (...) {
+      // run_one() reports through the Work; nothing may end this thread early.
+    }
     {
       std::lock_guard<std::mutex> lock(mu_);
       busy_ = false;
@@ -341,7 +353,7 @@ void Communicator::run_one(Queued& q) {
   }
   if (!text.empty()) {
     // Tell every peer first, so ranks blocked elsewhere fail now, not at their timeout.
-    fail(kind, text);
+    fail(kind, text);  // noexcept: Mesh::abort never throws
     std::lock_guard<std::mutex> lock(reason_mu_);
     error = make_error(abort_kind_, abort_reason_);
   }

@@ -71,7 +71,7 @@ class Communicator {
   void progress_loop();
   void run_one(Queued& q);
   void execute(const OpDesc& d, const OpHeader& h);
-  void fail(AbortKind kind, const std::string& reason);
+  void fail(AbortKind kind, const std::string& reason) noexcept;
   // Waits until no operation executes; links may then be used from this thread.
   void wait_idle();
 

@@ -244,8 +244,18 @@ void Mesh::interrupt() {
   if (segment_) segment_->ring_doorbell();
 }
 
-void Mesh::send_control_frame(Link* link, FrameType type, AbortKind kind, const std::string& text) {
+void Mesh::send_control_frame(Link* link, FrameType type, AbortKind kind, const std::string& text) noexcept {
   if (link->mid_frame) return;  // cannot interleave; the peer will see EOF instead
+  // Best effort, and it must not throw: it runs while failing or closing, often
+  // towards a peer that is already gone (EPIPE).
+  try {
+    write_control_frame(link, type, kind, text);
+  } catch (const std::exception&) {
+    link->mid_frame = true;
+  }
+}
+
+void Mesh::write_control_frame(Link* link, FrameType type, AbortKind kind, const std::string& text) {
   std::string body = text.substr(0, kMaxAbortText);
   FrameHeader h;
   h.type = type;
@@ -262,7 +272,7 @@ void Mesh::send_control_frame(Link* link, FrameType type, AbortKind kind, const 
   link->mid_frame = off != 0 && off < buf.size();
 }
 
-void Mesh::abort(AbortKind kind, const std::string& reason) {
+void Mesh::abort(AbortKind kind, const std::string& reason) noexcept {
   if (ended_.exchange(true)) return;
   if (segment_) {
     auto* c = segment_->control();
@@ -283,7 +293,7 @@ void Mesh::abort(AbortKind kind, const std::string& reason) {
   interrupt();
 }
 
-void Mesh::close() {
+void Mesh::close() noexcept {
   if (ended_.exchange(true)) return;
   if (segment_) segment_->control()->state.store(transport::shm::kStateClosed, std::memory_order_release);
   for (auto& l : links_) {
@@ -292,8 +302,12 @@ void Mesh::close() {
     auto* t = static_cast<transport::tcp::TcpLink*>(l.get());
     send_control_frame(t, FrameType::kBye, AbortKind::kGeneric, "");
     t->shutdown_write();
-    const void* p;
-    while (size_t n = t->peek(&p)) t->consume(n);  // unread bytes would turn FIN into RST
+    try {
+      const void* p;
+      while (size_t n = t->peek(&p)) t->consume(n);  // unread bytes would turn FIN into RST
+    } catch (const std::exception&) {
+      // A reset connection has nothing left to drain.
+    }
   }
 }
 

@@ -55,14 +55,17 @@ class Mesh {
   // Wakes a progress thread blocked in poll()/futex (abort from another thread).
   void interrupt();
 
-  // Tells every peer this communicator is dead, with the reason (best effort, bounded).
-  void abort(AbortKind kind, const std::string& reason);
-  // Tells every peer this rank will send nothing more.
-  void close();
+  // Tells every peer this communicator is dead, with the reason (best effort, bounded,
+  // never throws: peers may already be gone).
+  void abort(AbortKind kind, const std::string& reason) noexcept;
+  // Tells every peer this rank will send nothing more (never throws).
+  void close() noexcept;
 
  private:
   void send_control_frame(transport::Link* link, FrameType type, AbortKind kind,
-                          const std::string& text);
+                          const std::string& text) noexcept;
+  void write_control_frame(transport::Link* link, FrameType type, AbortKind kind,
+                           const std::string& text);
 
   const int rank_, size_;
   MeshOptions options_;
