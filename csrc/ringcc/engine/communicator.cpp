@@ -86,7 +86,9 @@ void Communicator::connect(const std::vector<std::string>& infos) {
   try {
     algorithms::barrier(ctx);
   } catch (const RemoteAbort& ra) {
-    throw PeerError(ra.text);
+    // Peers that finished setup already failed (e.g. mismatched first calls): raise
+    // their error, with its type, from this rank's constructor.
+    std::rethrow_exception(make_error(ra.kind, ra.text));
   }
   mesh_.finish_setup();
   cpu_set_t cpus;

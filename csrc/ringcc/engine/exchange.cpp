@@ -43,6 +43,7 @@ class Runner {
   bool advance_recv(Transfer& x);
   void on_header(Transfer& x);
   [[noreturn]] void fail_closed(const Transfer& x, bool mid_frame);
+  [[noreturn]] void rethrow_with_abort_reason(Link* link);
   void check_peers();
   void block(uint32_t bell);
   void inspect_idle_tcp(Link* link);
@@ -110,6 +111,30 @@ bool Runner::advance_send(Transfer& x) {
     moved = true;
   }
   return moved;
+}
+
+// A send failed because the peer's connection is gone. If the peer aborted first, its
+// abort frame (with the real reason) may be waiting unread in our inbound stream:
+// report that instead of the broken pipe it caused.
+void Runner::rethrow_with_abort_reason(Link* link) {
+  if (link->kind() == LinkKind::kTcp) {
+    const void* p = nullptr;
+    size_t n = 0;
+    try {
+      n = link->peek(&p);
+    } catch (const std::exception&) {
+      n = 0;
+    }
+    if (n >= kFrameHeaderBytes) {
+      FrameHeader h;
+      std::memcpy(&h, p, sizeof(h));
+      if (h.magic == kFrameMagic && h.type == FrameType::kAbort && h.payload_bytes <= kMaxAbortText &&
+          n >= kFrameHeaderBytes + h.payload_bytes)
+        throw RemoteAbort{h.abort_kind, std::string(static_cast<const char*>(p) + kFrameHeaderBytes,
+                                                    static_cast<size_t>(h.payload_bytes))};
+    }
+  }
+  throw;
 }
 
 void Runner::fail_closed(const Transfer& x, bool mid_frame) {
@@ -372,7 +397,15 @@ void Runner::run() {
     for (Queue& q : queues_) {
       while (!q.done()) {
         Transfer& x = t_[q.items[q.head]];
-        progress |= q.send ? advance_send(x) : advance_recv(x);
+        if (q.send) {
+          try {
+            progress |= advance_send(x);
+          } catch (const PeerError&) {
+            rethrow_with_abort_reason(mesh_.link(q.peer));
+          }
+        } else {
+          progress |= advance_recv(x);
+        }
         if (x.stage != kDone) break;
         ++q.head;
       }
