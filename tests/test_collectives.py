@@ -343,3 +343,33 @@ def test_outputs_stay_inside_their_buffers(transport, world):
             np.testing.assert_array_equal(got["gather"], np.concatenate(base))
         if r == 1:
             np.testing.assert_array_equal(got["recv"], base[0])
+
+
+def test_dlpack_and_buffer_protocol_objects():
+    """Objects that are neither NumPy arrays nor tensors: __dlpack__ exporters are read
+    through DLPack, bytearray/array.array through the buffer protocol (in place)."""
+    import array
+
+    class DLPackOnly:
+        def __init__(self, arr):
+            self._arr = arr
+
+        def __dlpack__(self, **kwargs):
+            return self._arr.__dlpack__(**kwargs)
+
+        def __dlpack_device__(self):
+            return self._arr.__dlpack_device__()
+
+    def body(comm):
+        backing = np.full(6, comm.rank + 1, np.float64)
+        comm.allreduce(DLPackOnly(backing))  # written through the DLPack view
+        buf = array.array("i", [comm.rank] * 5)
+        comm.allreduce(buf, "max")
+        raw = bytearray([comm.rank + 1] * 4)
+        comm.allreduce(raw, "bor")
+        return backing, list(buf), bytes(raw)
+
+    for backing, buf, raw in run_ranks(3, body):
+        np.testing.assert_array_equal(backing, np.full(6, 6.0))
+        assert buf == [2] * 5
+        assert raw == bytes([1 | 2 | 3] * 4)
