@@ -373,3 +373,46 @@ def test_dlpack_and_buffer_protocol_objects():
         np.testing.assert_array_equal(backing, np.full(6, 6.0))
         assert buf == [2] * 5
         assert raw == bytes([1 | 2 | 3] * 4)
+
+
+@pytest.mark.parametrize("world,hosts", [(4, [0, 0, 1, 1]), (5, [0, 1, 0, 1, 1]), (3, [0, 1, 2])])
+def test_mixed_shm_and_tcp_mesh(world, hosts):
+    """Emulated hosts: shared memory inside a host, TCP across, in one communicator. The
+    ring crosses both kinds of link and the exchanger waits on both at once."""
+    import ringcc
+
+    store = __import__("conftest").MemoryStore()
+    data = [np.random.default_rng(r).standard_normal(300_001) for r in range(world)]
+    results = [None] * world
+    errors = []
+
+    def rank_main(r):
+        try:
+            comm = ringcc.Communicator(store, r, world, name="mixed", transport="auto", timeout=60,
+                                       host_id=f"host{hosts[r]}")
+            kinds = [comm.transport_to(p) for p in range(world)]
+            x = data[r].copy()
+            comm.allreduce(x, segment_bytes=32 << 10)
+            small = np.full(3, r, np.int64)
+            comm.allreduce(small, "max")
+            g = comm.allgather(np.array([r], np.int32))
+            comm.barrier()
+            comm.close()
+            results[r] = (kinds, x, small, g)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append((r, exc))
+
+    import threading
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for r, (kinds, x, small, g) in enumerate(results):
+        assert kinds == ["self" if p == r else ("shm" if hosts[p] == hosts[r] else "tcp") for p in range(world)]
+        np.testing.assert_allclose(x, sum(data), rtol=1e-12, atol=1e-12)
+        assert x.tobytes() == results[0][1].tobytes()
+        np.testing.assert_array_equal(small, np.full(3, world - 1))
+        np.testing.assert_array_equal(g.ravel(), np.arange(world))

@@ -172,6 +172,7 @@ class Communicator:
         shm_ring_bytes: Optional[int] = None,
         tcp_streams: Optional[int] = None,
         spin_us: Optional[float] = None,
+        host_id: Optional[str] = None,
     ):
         if not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be a positive int, got {world_size!r}")
@@ -202,6 +203,7 @@ class Communicator:
             if small_message_bytes is not None
             else _env_int("RINGCC_SMALL_MESSAGE_BYTES", 64 << 10),
             algorithm=_ALGORITHMS[algorithm],
+            host_id=host_id or os.environ.get("RINGCC_HOST_ID", ""),
         )
         client = StoreClient(store, f"ringcc/{name}/", self.timeout)
         client.set(f"info/{rank}", self._native.local_info())

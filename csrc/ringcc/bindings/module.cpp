@@ -179,8 +179,9 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init([](int rank, int size, const std::string& transport, const std::string& listen_host,
                        size_t shm_ring_bytes, int tcp_streams, size_t tcp_stripe_bytes, double timeout,
                        double spin_seconds, size_t segment_bytes, size_t small_message_bytes,
-                       Algorithm algorithm) {
+                       Algorithm algorithm, const std::string& host_id) {
              CommOptions o;
+             o.mesh.host_id = host_id;
              o.mesh.transport = transport;
              o.mesh.listen_host = listen_host;
              o.mesh.shm_ring_bytes = shm_ring_bytes;
@@ -196,7 +197,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("rank"), py::arg("size"), py::arg("transport"), py::arg("listen_host"),
            py::arg("shm_ring_bytes"), py::arg("tcp_streams"), py::arg("tcp_stripe_bytes"), py::arg("timeout"),
            py::arg("spin_seconds"), py::arg("segment_bytes"), py::arg("small_message_bytes"),
-           py::arg("algorithm"))
+           py::arg("algorithm"), py::arg("host_id") = "")
       .def_property_readonly("rank", &Communicator::rank)
       .def_property_readonly("size", &Communicator::size)
       .def("local_info", &Communicator::local_info)

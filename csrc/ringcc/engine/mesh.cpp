@@ -104,7 +104,9 @@ Mesh::Mesh(int rank, int size, MeshOptions options)
                    "tcp_streams must be in 1..64, got ", options_.tcp_streams);
   std::random_device rd;
   nonce_ = (uint64_t(rd()) << 32) ^ rd();
-  host_key_ = host_identity();
+  host_key_ = options_.host_id.empty() ? host_identity() : options_.host_id;
+  for (char& c : host_key_)
+    if (c == ';' || c == '=') c = '_';
   interrupt_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (size_ == 1) return;
   if (t != "tcp") segment_ = transport::shm::Segment::create(rank, size, options_.shm_ring_bytes);

@@ -23,6 +23,8 @@ struct MeshOptions {
   size_t shm_ring_bytes = 1 << 20;   // per directed pair
   int tcp_streams = 1;               // TCP connections per peer
   size_t tcp_stripe_bytes = 256 << 10;
+  // Overrides host detection (ranks with equal ids use shared memory); empty = detect.
+  std::string host_id;
 };
 
 class Mesh {
