@@ -47,6 +47,7 @@ def run_ranks(
     timeout: float = 60.0,
     join_timeout: float = 120.0,
     store: Any = None,
+    name_override: Optional[str] = None,
     **comm_kwargs: Any,
 ) -> List[Any]:
     """Create a communicator per rank (each in its own thread), call fn(comm) on each and
@@ -55,7 +56,7 @@ def run_ranks(
     Each rank closes its communicator afterwards (abort if it failed), so tests leave no
     threads or shared memory behind."""
     store = store if store is not None else MemoryStore()
-    name = f"test{next(_names)}"
+    name = name_override or f"test{next(_names)}"
     results: List[Any] = [None] * world_size
     errors: List[Optional[BaseException]] = [None] * world_size
 

@@ -416,3 +416,16 @@ def test_mixed_shm_and_tcp_mesh(world, hosts):
         assert x.tobytes() == results[0][1].tobytes()
         np.testing.assert_array_equal(small, np.full(3, world - 1))
         np.testing.assert_array_equal(g.ravel(), np.arange(world))
+
+
+def test_recreate_communicator_with_same_store_and_name(transport):
+    """After an abort, ranks build a new communicator on the same store and name."""
+    torch = pytest.importorskip("torch")
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    first = run_ranks(2, lambda c: c.allreduce(np.ones(3)).tolist(), store=store, transport=transport,
+                      name_override="again")
+    second = run_ranks(2, lambda c: c.allreduce(np.full(3, 2.0)).tolist(), store=store, transport=transport,
+                       name_override="again")
+    assert first == [[2.0] * 3] * 2 and second == [[4.0] * 3] * 2

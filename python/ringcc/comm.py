@@ -205,7 +205,11 @@ class Communicator:
             algorithm=_ALGORITHMS[algorithm],
             host_id=host_id or os.environ.get("RINGCC_HOST_ID", ""),
         )
-        client = StoreClient(store, f"ringcc/{name}/", self.timeout)
+        # Re-creating a communicator under the same name (after an abort, say) must not
+        # read the previous one's records: stores with add() (all of torch's) count each
+        # rank's joins, and ranks that re-create in step agree on the generation.
+        generation = store.add(f"ringcc/{name}/joins/{rank}", 1) if hasattr(store, "add") else 1
+        client = StoreClient(store, f"ringcc/{name}/{generation}/", self.timeout)
         client.set(f"info/{rank}", self._native.local_info())
         infos = [client.get(f"info/{r}") for r in range(world_size)]
         self._native.connect(infos)
