@@ -495,3 +495,45 @@ def test_work_exception_for_failed_op(transport):
     msgs = run_ranks(2, fn, transport=transport, join_timeout=60)
     for msg in msgs:
         assert "count" in _differing(msg)
+
+
+def test_abort_from_remote_host_reaches_rank_waiting_on_shared_memory():
+    """Mixed mesh (emulated hosts [0, 0, 1, 1]): rank 1 waits on a shared-memory receive
+    from rank 0 while rank 2, reachable only over TCP, aborts. Rank 1 must learn of it
+    through the idle TCP link, long before its 60 s timeout."""
+    hosts = [0, 0, 1, 1]
+    store = MemoryStore()
+    ready = threading.Barrier(4)
+    aborted = threading.Event()
+    outcome = {}
+
+    def rank_main(r):
+        comm = ringcc.Communicator(store, r, 4, name="mixed-abort", timeout=60, host_id=f"h{hosts[r]}")
+        ready.wait(30)
+        try:
+            if r == 1:
+                work = comm.recv(np.empty(4), 0, async_op=True)  # rank 0 never sends
+                ready.wait(30)
+                try:
+                    work.wait(timeout=30)
+                    outcome[r] = None
+                except ringcc.Error as exc:
+                    outcome[r] = exc
+            elif r == 2:
+                ready.wait(30)
+                comm.abort("boom from rank 2")
+                aborted.set()
+            else:
+                ready.wait(30)
+                aborted.wait(30)
+        finally:
+            comm.abort("test over")
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert isinstance(outcome.get(1), ringcc.AbortedError), outcome
+    assert "boom from rank 2" in str(outcome[1])

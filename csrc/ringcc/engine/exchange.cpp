@@ -331,7 +331,9 @@ void Runner::block(uint32_t bell) {
   auto slice = ctx_.deadline.remaining(kBlockSlice);
   auto* own = mesh_.own_control();
   bool tcp_pending = first_idle > 0;
-  if (!tcp_pending && own) {
+  // Sleep on the futex only when no socket needs watching: in a mixed mesh an idle TCP
+  // peer may send an abort frame, which only poll() would see.
+  if (!tcp_pending && idle.empty() && own) {
     transport::shm::wait_doorbell(own, bell, static_cast<long>(slice.count()));
     return;
   }
