@@ -537,3 +537,18 @@ def test_abort_from_remote_host_reaches_rank_waiting_on_shared_memory():
     assert not any(t.is_alive() for t in threads)
     assert isinstance(outcome.get(1), ringcc.AbortedError), outcome
     assert "boom from rank 2" in str(outcome[1])
+
+
+def test_close_and_abort_racing_on_one_communicator(transport):
+    """close() (draining a stuck operation) and abort() from two threads at once: both
+    return, the stuck operation fails, nothing hangs or crashes."""
+    comms = _pair(transport)
+    stuck = comms[0].allreduce(np.ones(8), async_op=True)  # rank 1 never joins
+    closer = threading.Thread(target=comms[0].close)
+    closer.start()
+    comms[0].abort("racing abort")
+    closer.join(30)
+    assert not closer.is_alive(), "close() hung"
+    with pytest.raises(ringcc.Error, match="racing abort|aborted"):
+        stuck.wait(timeout=30)
+    comms[1].abort("test over")

@@ -363,6 +363,7 @@ void Communicator::run_one(Queued& q) {
 }
 
 void Communicator::close() {
+  std::lock_guard<std::mutex> life(lifecycle_mu_);  // one closer joins the thread
   {
     std::unique_lock<std::mutex> lock(mu_);
     if (closed_) return;
@@ -380,6 +381,9 @@ void Communicator::abort(const std::string& reason) {
   // it, and only then tell the peers from this thread.
   interrupted_.store(true);
   mesh_.interrupt();
+  // Taken after the interrupt: a close() draining the queue in another thread now
+  // finishes quickly (queued work is cancelled), so this never waits long.
+  std::lock_guard<std::mutex> life(lifecycle_mu_);
   {
     std::unique_lock<std::mutex> lock(mu_);
     stopping_ = true;

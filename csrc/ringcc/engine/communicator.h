@@ -96,6 +96,7 @@ class Communicator {
   uint64_t next_seq_ = 1;
   std::vector<uint64_t> send_seq_, recv_seq_;
   std::thread thread_;
+  std::mutex lifecycle_mu_;  // serialises close() and abort()
 
   bool oversubscribed_ = false;  // more local ranks than CPUs this process may use
   std::atomic<bool> aborted_{false};
