@@ -429,3 +429,64 @@ def test_recreate_communicator_with_same_store_and_name(transport):
     second = run_ranks(2, lambda c: c.allreduce(np.full(3, 2.0)).tolist(), store=store, transport=transport,
                        name_override="again")
     assert first == [[2.0] * 3] * 2 and second == [[4.0] * 3] * 2
+
+
+def test_world_and_subgroup_communicators_interleaved(transport):
+    """Each rank holds two communicators (the world and an odd/even subgroup) and uses
+    them alternately; sequence numbers and links are per communicator."""
+    import threading
+
+    import ringcc
+    from conftest import MemoryStore
+
+    world = 4
+    store = MemoryStore()
+    out = [None] * world
+    errors = []
+
+    def rank_main(r):
+        try:
+            w = ringcc.Communicator(store, r, world, name="world", transport=transport, timeout=60)
+            color = r % 2
+            sub = ringcc.Communicator(store, r // 2, 2, name=f"sub{color}", transport=transport, timeout=60)
+            got = []
+            for i in range(3):
+                a = np.full(5, r + i, np.int64)
+                w.allreduce(a)
+                b = np.full(5, r, np.int64)
+                sub.allreduce(b, async_op=True).wait()
+                got.append((a.tolist(), b.tolist()))
+            sub.close()
+            w.close()
+            out[r] = got
+        except BaseException as exc:  # noqa: BLE001
+            errors.append((r, exc))
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for r, got in enumerate(out):
+        for i, (a, b) in enumerate(got):
+            assert a == [sum(q + i for q in range(world))] * 5
+            assert b == [sum(q for q in range(world) if q % 2 == r % 2)] * 5
+
+
+def test_listen_address_from_interface_name(monkeypatch):
+    from ringcc.comm import _listen_address
+
+    monkeypatch.setenv("RINGCC_SOCKET_IFNAME", "lo")
+    assert _listen_address(object(), None) == "127.0.0.1"
+    monkeypatch.setenv("RINGCC_SOCKET_IFNAME", "no-such-if0")
+    with pytest.raises(ValueError, match="no-such-if0"):
+        _listen_address(object(), None)
+    monkeypatch.delenv("RINGCC_SOCKET_IFNAME")
+    assert _listen_address(object(), "10.1.2.3") == "10.1.2.3"  # explicit wins
+
+
+def test_tcp_ranks_listen_where_told():
+    """listen_address= is what peers dial: a TCP mesh over an explicit loopback address."""
+    outs = run_ranks(3, lambda c: c.allreduce(np.ones(2)).tolist(), transport="tcp", listen_address="127.0.0.1")
+    assert outs == [[3.0, 3.0]] * 3
