@@ -17,6 +17,21 @@ MismatchError = _C.MismatchError
 AbortedError = _C.AbortedError
 
 
+def _register_torch_backend() -> bool:
+    """Make "ringcc" a torch.distributed backend when torch is installed (idempotent)."""
+    try:
+        import torch.distributed  # noqa: F401
+    except ImportError:
+        return False
+    from . import torch_backend
+
+    torch_backend.register()
+    return True
+
+
+_register_torch_backend()
+
+
 def info() -> dict:
     """Version and build options of the installed native core."""
     return dict(_C.build_info())

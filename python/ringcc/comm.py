@@ -82,6 +82,11 @@ def _listen_address(store: Any, explicit: Optional[str]) -> str:
     ifname = os.environ.get("RINGCC_SOCKET_IFNAME")
     if ifname:
         return _interface_address(ifname)
+    for _ in range(64):  # torch's PrefixStore hides the TCPStore (and its host) it wraps
+        inner = getattr(store, "underlying_store", None)
+        if inner is None:
+            break
+        store = inner
     host = getattr(store, "host", None)
     port = getattr(store, "port", None)
     if isinstance(host, str) and host:

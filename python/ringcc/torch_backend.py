@@ -1,0 +1,605 @@
+"""torch.distributed backend "ringcc": ``dist.init_process_group("ringcc", ...)`` on CPU.
+
+    import ringcc.torch_backend
+    ringcc.torch_backend.register()          # idempotent
+    dist.init_process_group("ringcc", init_method=..., rank=r, world_size=n)
+
+How torch (2.13) plugs in a backend written in Python:
+
+- ``dist.Backend.register_backend(name, creator, devices=["cpu"])`` stores ``creator``;
+  ``init_process_group`` / ``new_group`` call ``creator(store, group_rank, group_size,
+  timeout)`` with a ``PrefixStore`` already private to the group.
+- ``torch._C._distributed_c10d.Backend`` has no Python constructor, so a Python backend
+  subclasses ``dist.ProcessGroup`` instead (its pybind trampoline forwards C++ virtual
+  calls, e.g. DDP's Reducer, to the Python methods); torch then uses the object as the
+  group itself.
+- ``dist.*`` functions call: allreduce, allreduce_coalesced, broadcast, allgather,
+  all_gather_single, reduce_scatter, reduce_scatter_single, reduce, gather, scatter,
+  all_to_all_single, alltoall, barrier(opts=...), send, recv, recv_anysource.
+- Each returns a ``dist.Work`` subclass; torch calls ``wait(timeout)`` (``timedelta(0)``
+  from C++ means "no limit"), ``is_completed()``, ``exception()`` and ``get_future()``
+  (DDP chains its bucket handling on that future, whose value is the output tensors).
+
+Every operation is submitted to the ringcc Communicator of the group and returns at
+once when torch asks for an asynchronous op; the Work completes from ringcc's done
+callback (on the engine thread), after copying results out of any staging buffers.
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+from typing import Any, Callable, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch._C import _distributed_c10d as _c10d
+
+from .comm import Communicator
+
+BACKEND_NAME = "ringcc"
+
+_RED = dist.ReduceOp.RedOpType
+_OPS = {
+    _RED.SUM: "sum",
+    _RED.AVG: "avg",
+    _RED.PRODUCT: "prod",
+    _RED.MIN: "min",
+    _RED.MAX: "max",
+    _RED.BAND: "band",
+    _RED.BOR: "bor",
+    _RED.BXOR: "bxor",
+}
+
+Finish = Optional[Callable[[], None]]
+
+
+# --------------------------------------------------------------------------- helpers
+def _reduce_op(op: Any) -> str:
+    code = getattr(op, "op", op)  # dist.ReduceOp wraps a RedOpType
+    try:
+        return _OPS[code]
+    except (KeyError, TypeError):
+        raise ValueError(f"ringcc: reduce op {code} is not supported "
+                         f"(supported: {', '.join(o.name for o in _OPS)})") from None
+
+
+def _op_timeout(opts: Any) -> Optional[float]:
+    """The per-call timeout in seconds, or None for the group's default (torch leaves
+    ``opts.timeout`` at -1 ms when unset)."""
+    timeout = getattr(opts, "timeout", None)
+    if isinstance(timeout, datetime.timedelta) and timeout.total_seconds() > 0:
+        return timeout.total_seconds()
+    return None
+
+
+def _wait_seconds(timeout: Any) -> Optional[float]:
+    if timeout is None:
+        return None
+    if isinstance(timeout, datetime.timedelta):
+        timeout = timeout.total_seconds()
+    timeout = float(timeout)
+    return timeout if timeout > 0 else None  # torch's kNoTimeout is timedelta(0)
+
+
+def _check_tensor(t: Any, what: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"ringcc {what}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"ringcc {what}: tensor is on {t.device}; the ringcc backend handles CPU tensors only")
+    if t.is_sparse:
+        raise ValueError(f"ringcc {what}: sparse tensors are not supported")
+    return t
+
+
+def _single(tensors: Any, what: str) -> torch.Tensor:
+    if isinstance(tensors, torch.Tensor):
+        return _check_tensor(tensors, what)
+    tensors = list(tensors)
+    if len(tensors) != 1:
+        raise ValueError(f"ringcc {what}: expected exactly one tensor, got {len(tensors)}")
+    return _check_tensor(tensors[0], what)
+
+
+def _same_dtype(ref: torch.Tensor, others: Sequence[torch.Tensor], what: str) -> None:
+    for t in others:
+        if t.dtype != ref.dtype:
+            raise TypeError(f"ringcc {what}: tensors must share one dtype, got {ref.dtype} and {t.dtype}")
+
+
+def _staged(t: torch.Tensor):
+    """``t`` itself when contiguous, else a contiguous copy (results are copied back)."""
+    return (t, False) if t.is_contiguous() else (t.contiguous(), True)
+
+
+def _chain(*steps: Finish) -> Finish:
+    steps = [s for s in steps if s is not None]
+    if not steps:
+        return None
+    if len(steps) == 1:
+        return steps[0]
+
+    def run() -> None:
+        for s in steps:
+            s()
+
+    return run
+
+
+def _copy_back(dst: torch.Tensor, src: torch.Tensor, needed: bool) -> Finish:
+    if not needed:
+        return None
+    return lambda: dst.copy_(src)
+
+
+def _split_into(flat: torch.Tensor, outs: Sequence[torch.Tensor]) -> Finish:
+    """Copy consecutive pieces of 1-D ``flat`` into ``outs`` (each reshaped)."""
+
+    def run() -> None:
+        offset = 0
+        with torch.no_grad():
+            for o in outs:
+                n = o.numel()
+                o.copy_(flat[offset:offset + n].view(o.shape))
+                offset += n
+
+    return run
+
+
+def _flat_cat(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    if not tensors:
+        return torch.empty(0, dtype=dtype)
+    with torch.no_grad():
+        return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+# ------------------------------------------------------------------------------ Work
+class RingccWork(dist.Work):
+    """torch Work over one ringcc operation.
+
+    ``wait()`` blocks with the GIL released (in ringcc's Work.wait); the torch Future
+    from ``get_future()`` is completed from ringcc's done callback with the list of
+    output tensors, or failed with the operation's exception."""
+
+    def __init__(self, outputs: List[torch.Tensor], native: Any = None, finish: Finish = None,
+                 description: str = ""):
+        super().__init__()
+        self._outputs = outputs
+        self._native = native  # ringcc.Work, or None when the operation already ran
+        self._finish_fn = finish
+        self._description = description
+        self._lock = threading.Lock()
+        self._finished = False
+        self._error: Optional[BaseException] = None
+        self._future: torch.futures.Future = torch.futures.Future()
+        if native is None:
+            self._complete(None)
+        else:
+            # Runs at once if the operation is already done.
+            native.add_done_callback(lambda w: self._complete(w.exception()))
+
+    def _complete(self, error: Optional[BaseException]) -> None:
+        """Post-process (copy out of staging buffers) once; then settle the future.
+        Called from the engine thread's done callback and from wait()/is_completed()."""
+        with self._lock:
+            if self._finished:
+                return
+            if error is None and self._finish_fn is not None:
+                try:
+                    self._finish_fn()
+                except BaseException as exc:  # noqa: BLE001 - handed to waiters
+                    error = exc
+            self._error = error
+            self._finish_fn = None
+            self._finished = True
+        # Outside the lock: the future's callbacks may call back into this Work.
+        if error is None:
+            self._future.set_result(self._outputs)
+        else:
+            self._future.set_exception(error)
+
+    def _poll_native(self) -> None:
+        native = self._native
+        if not self._finished and native is not None and native.is_completed():
+            self._complete(native.exception())
+
+    # torch.distributed.Work API ------------------------------------------------------
+    def wait(self, timeout: Any = None) -> bool:
+        native = self._native
+        if not self._finished and native is not None:
+            seconds = _wait_seconds(timeout)
+            try:
+                native.wait(seconds)
+            except BaseException:
+                if not native.is_completed():
+                    raise  # our wait timed out (or was interrupted); the op keeps running
+            self._complete(native.exception())
+        if self._error is not None:
+            raise self._error
+        return True
+
+    def is_completed(self) -> bool:
+        self._poll_native()
+        return self._finished
+
+    def is_success(self) -> bool:
+        self._poll_native()
+        return self._finished and self._error is None
+
+    def exception(self) -> Optional[BaseException]:
+        self._poll_native()
+        return self._error
+
+    def result(self) -> List[torch.Tensor]:
+        self.wait()
+        return self._outputs
+
+    def get_future(self) -> torch.futures.Future:
+        return self._future
+
+    def synchronize(self) -> None:  # CPU: nothing to order against a stream
+        return None
+
+    def __repr__(self) -> str:
+        state = "done" if self._finished else "running"
+        return f"<ringcc.torch_backend.RingccWork {self._description} {state}>"
+
+
+# ---------------------------------------------------------------------- ProcessGroup
+class RingccProcessGroup(dist.ProcessGroup):
+    """A torch.distributed process group whose collectives run on a ringcc Communicator."""
+
+    def __init__(self, store: Any, rank: int, world_size: int, timeout: Any = datetime.timedelta(minutes=30),
+                 **communicator_options: Any):
+        super().__init__(rank, world_size)  # the (store, rank, size) overload cannot build a Python subclass
+        self._rank = rank
+        self._world_size = world_size
+        self._comm = Communicator(store, rank, world_size, name="pg", timeout=timeout, **communicator_options)
+
+    @property
+    def communicator(self) -> Communicator:
+        return self._comm
+
+    def getBackendName(self) -> str:  # noqa: N802 - torch's name
+        return BACKEND_NAME
+
+    def __repr__(self) -> str:
+        return f"<RingccProcessGroup rank={self._rank}/{self._world_size}>"
+
+    # ------------------------------------------------------------------- plumbing
+    def _launch(self, name: str, opts: Any, outputs: List[torch.Tensor], call: Callable[..., Any],
+                finish: Finish = None, async_op: Optional[bool] = None) -> RingccWork:
+        """Run ``call(async_op=..., timeout=...)`` on the communicator and wrap it.
+
+        torch sets ``opts.asyncOp = False`` for blocking calls; those run inline (ringcc
+        runs a blocking call on the caller's thread when nothing is queued)."""
+        if async_op is None:
+            async_op = bool(getattr(opts, "asyncOp", True))
+        result = call(async_op=async_op, timeout=_op_timeout(opts))
+        return RingccWork(outputs, result if async_op else None, finish, name)
+
+    def _check_list(self, tensors: Sequence[torch.Tensor], what: str) -> List[torch.Tensor]:
+        tensors = [_check_tensor(t, what) for t in tensors]
+        if len(tensors) != self._world_size:
+            raise ValueError(f"ringcc {what}: need {self._world_size} tensors (one per rank), got {len(tensors)}")
+        return tensors
+
+    # ---------------------------------------------------------------- collectives
+    def allreduce(self, tensors, opts=None):
+        opts = _options(_c10d.AllreduceOptions, opts)
+        t = _single(tensors, "allreduce")
+        op = _reduce_op(opts.reduceOp)
+        buf, staged = _staged(t)
+        return self._launch("allreduce", opts, [t], lambda **kw: self._comm.allreduce(buf, op, **kw),
+                            _copy_back(t, buf, staged))
+
+    def allreduce_coalesced(self, tensors, opts=None):
+        opts = _options(_c10d.AllreduceOptions, opts)
+        tensors = [_check_tensor(t, "allreduce_coalesced") for t in tensors]
+        if not tensors:
+            return RingccWork([], None, None, "allreduce_coalesced")
+        _same_dtype(tensors[0], tensors, "allreduce_coalesced")
+        op = _reduce_op(opts.reduceOp)
+        flat = _flat_cat(tensors, tensors[0].dtype)
+        return self._launch("allreduce_coalesced", opts, tensors, lambda **kw: self._comm.allreduce(flat, op, **kw),
+                            _split_into(flat, tensors))
+
+    def broadcast(self, tensors, opts=None):
+        opts = _options(_c10d.BroadcastOptions, opts)
+        t = _single(tensors, "broadcast")
+        root = opts.rootRank
+        buf, staged = _staged(t)
+        return self._launch("broadcast", opts, [t], lambda **kw: self._comm.broadcast(buf, root, **kw),
+                            _copy_back(t, buf, staged and self._rank != root))
+
+    def reduce(self, tensors, opts=None):
+        opts = _options(_c10d.ReduceOptions, opts)
+        t = _single(tensors, "reduce")
+        root = opts.rootRank
+        op = _reduce_op(opts.reduceOp)
+        buf, staged = _staged(t)
+        return self._launch("reduce", opts, [t], lambda **kw: self._comm.reduce(buf, root, op, **kw),
+                            _copy_back(t, buf, staged and self._rank == root))
+
+    def allgather(self, output_tensors, input_tensors, opts=None):
+        opts = _options(_c10d.AllgatherOptions, opts)
+        if len(output_tensors) != 1:
+            raise ValueError(f"ringcc allgather: expected one output list, got {len(output_tensors)}")
+        outs = self._check_list(output_tensors[0], "allgather output")
+        inp = _single(input_tensors, "allgather input")
+        _same_dtype(inp, outs, "allgather")
+        counts = [o.numel() for o in outs]
+        if counts[self._rank] != inp.numel():
+            raise ValueError(f"ringcc allgather: this rank's output tensor has {counts[self._rank]} elements, "
+                             f"its input {inp.numel()}")
+        src, _ = _staged(inp)
+        if len(set(counts)) == 1:
+            tmp = torch.empty((self._world_size,) + tuple(src.shape), dtype=src.dtype)
+            call = lambda **kw: self._comm.allgather(src, out=tmp, **kw)  # noqa: E731
+        else:
+            tmp = torch.empty(sum(counts), dtype=src.dtype)
+            flat = src.view(-1)
+            call = lambda **kw: self._comm.allgather_v(flat, counts, out=tmp, **kw)  # noqa: E731
+        return self._launch("allgather", opts, outs, call, _split_into(tmp.view(-1), outs))
+
+    def all_gather_single(self, output, input, opts=None):  # noqa: A002 - torch's name
+        opts = _options(_c10d.AllgatherOptions, opts)
+        out = _check_tensor(output, "all_gather_into_tensor output")
+        inp = _check_tensor(input, "all_gather_into_tensor input")
+        _same_dtype(inp, [out], "all_gather_into_tensor")
+        if out.numel() != self._world_size * inp.numel():
+            raise ValueError(f"ringcc all_gather_into_tensor: output has {out.numel()} elements, need "
+                             f"{self._world_size} x {inp.numel()}")
+        src, _ = _staged(inp)
+        dst, staged = _staged(out)
+        return self._launch("all_gather_into_tensor", opts, [out],
+                            lambda **kw: self._comm.allgather(src, out=dst, **kw), _copy_back(out, dst, staged))
+
+    _allgather_base = all_gather_single
+
+    def allgather_into_tensor_coalesced(self, outputs, inputs, opts=None):
+        """Several all_gather_into_tensor calls as one ringcc allgather."""
+        opts = _options(_c10d.AllgatherOptions, opts)
+        outs = [_check_tensor(t, "allgather_into_tensor_coalesced output") for t in outputs]
+        ins = [_check_tensor(t, "allgather_into_tensor_coalesced input") for t in inputs]
+        if len(outs) != len(ins):
+            raise ValueError("ringcc allgather_into_tensor_coalesced: need as many outputs as inputs")
+        if not ins:
+            return RingccWork([], None, None, "allgather_into_tensor_coalesced")
+        _same_dtype(ins[0], ins + outs, "allgather_into_tensor_coalesced")
+        for o, i in zip(outs, ins):
+            if o.numel() != self._world_size * i.numel():
+                raise ValueError("ringcc allgather_into_tensor_coalesced: an output is not world_size times "
+                                 "its input")
+        n = self._world_size
+        flat = _flat_cat(ins, ins[0].dtype)
+        tmp = torch.empty((n, flat.numel()), dtype=flat.dtype)
+
+        def finish() -> None:
+            offset = 0
+            for o, i in zip(outs, ins):
+                k = i.numel()
+                o.copy_(tmp[:, offset:offset + k].reshape(o.shape))
+                offset += k
+
+        return self._launch("allgather_into_tensor_coalesced", opts, outs,
+                            lambda **kw: self._comm.allgather(flat, out=tmp, **kw), finish)
+
+    def reduce_scatter(self, output_tensors, input_tensors, opts=None):
+        opts = _options(_c10d.ReduceScatterOptions, opts)
+        out = _single(output_tensors, "reduce_scatter output")
+        if len(input_tensors) != 1:
+            raise ValueError(f"ringcc reduce_scatter: expected one input list, got {len(input_tensors)}")
+        ins = self._check_list(input_tensors[0], "reduce_scatter input")
+        _same_dtype(out, ins, "reduce_scatter")
+        counts = [t.numel() for t in ins]
+        if counts[self._rank] != out.numel():
+            raise ValueError(f"ringcc reduce_scatter: output has {out.numel()} elements but this rank's input "
+                             f"block has {counts[self._rank]}")
+        op = _reduce_op(opts.reduceOp)
+        flat = _flat_cat(ins, out.dtype)
+        dst, staged = _staged(out)
+        return self._launch("reduce_scatter", opts, [out],
+                            lambda **kw: self._comm.reduce_scatter(flat, op, out=dst, counts=counts, **kw),
+                            _copy_back(out, dst, staged))
+
+    def reduce_scatter_single(self, output, input, opts=None):  # noqa: A002
+        opts = _options(_c10d.ReduceScatterOptions, opts)
+        out = _check_tensor(output, "reduce_scatter_tensor output")
+        inp = _check_tensor(input, "reduce_scatter_tensor input")
+        _same_dtype(out, [inp], "reduce_scatter_tensor")
+        if inp.numel() != self._world_size * out.numel():
+            raise ValueError(f"ringcc reduce_scatter_tensor: input has {inp.numel()} elements, need "
+                             f"{self._world_size} x {out.numel()}")
+        op = _reduce_op(opts.reduceOp)
+        src, _ = _staged(inp)
+        dst, staged = _staged(out)
+        counts = [out.numel()] * self._world_size
+        return self._launch("reduce_scatter_tensor", opts, [out],
+                            lambda **kw: self._comm.reduce_scatter(src, op, out=dst, counts=counts, **kw),
+                            _copy_back(out, dst, staged))
+
+    _reduce_scatter_base = reduce_scatter_single
+
+    def reduce_scatter_tensor_coalesced(self, outputs, inputs, opts=None):
+        """Several reduce_scatter_tensor calls as one ringcc reduce_scatter."""
+        opts = _options(_c10d.ReduceScatterOptions, opts)
+        outs = [_check_tensor(t, "reduce_scatter_tensor_coalesced output") for t in outputs]
+        ins = [_check_tensor(t, "reduce_scatter_tensor_coalesced input") for t in inputs]
+        if len(outs) != len(ins):
+            raise ValueError("ringcc reduce_scatter_tensor_coalesced: need as many outputs as inputs")
+        if not ins:
+            return RingccWork([], None, None, "reduce_scatter_tensor_coalesced")
+        _same_dtype(ins[0], ins + outs, "reduce_scatter_tensor_coalesced")
+        n = self._world_size
+        for o, i in zip(outs, ins):
+            if i.numel() != n * o.numel():
+                raise ValueError("ringcc reduce_scatter_tensor_coalesced: an input is not world_size times "
+                                 "its output")
+        op = _reduce_op(opts.reduceOp)
+        total = sum(o.numel() for o in outs)
+        with torch.no_grad():
+            # Row r of `packed` holds block r of every input, so block r of the flat
+            # buffer is exactly what rank r must receive.
+            packed = torch.cat([i.detach().reshape(n, -1) for i in ins], dim=1) if total else \
+                torch.empty((n, 0), dtype=ins[0].dtype)
+        tmp = torch.empty(total, dtype=packed.dtype)
+        counts = [total] * n
+        return self._launch("reduce_scatter_tensor_coalesced", opts, outs,
+                            lambda **kw: self._comm.reduce_scatter(packed, op, out=tmp, counts=counts, **kw),
+                            _split_into(tmp, outs))
+
+    def gather(self, output_tensors, input_tensors, opts=None):
+        opts = _options(_c10d.GatherOptions, opts)
+        root = opts.rootRank
+        inp = _single(input_tensors, "gather input")
+        src, _ = _staged(inp)
+        if self._rank == root:
+            if len(output_tensors) != 1:
+                raise ValueError(f"ringcc gather: expected one output list on the root, got {len(output_tensors)}")
+            outs = self._check_list(output_tensors[0], "gather output")
+            _same_dtype(inp, outs, "gather")
+            if any(o.numel() != inp.numel() for o in outs):
+                raise ValueError("ringcc gather: every output tensor must have as many elements as the input")
+            tmp = torch.empty((self._world_size,) + tuple(src.shape), dtype=src.dtype)
+            return self._launch("gather", opts, outs, lambda **kw: self._comm.gather(src, root, out=tmp, **kw),
+                                _split_into(tmp.view(-1), outs))
+        if output_tensors and any(len(lst) for lst in output_tensors):
+            raise ValueError("ringcc gather: output tensors are only given on the root")
+        return self._launch("gather", opts, [], lambda **kw: self._comm.gather(src, root, **kw))
+
+    def scatter(self, output_tensors, input_tensors, opts=None):
+        opts = _options(_c10d.ScatterOptions, opts)
+        root = opts.rootRank
+        out = _single(output_tensors, "scatter output")
+        dst, staged = _staged(out)
+        flat = None
+        if self._rank == root:
+            if len(input_tensors) != 1:
+                raise ValueError(f"ringcc scatter: expected one input list on the root, got {len(input_tensors)}")
+            ins = self._check_list(input_tensors[0], "scatter input")
+            _same_dtype(out, ins, "scatter")
+            if any(i.numel() != out.numel() for i in ins):
+                raise ValueError("ringcc scatter: every input tensor must have as many elements as the output")
+            flat = _flat_cat(ins, out.dtype)
+        elif input_tensors and any(len(lst) for lst in input_tensors):
+            raise ValueError("ringcc scatter: input tensors are only given on the root")
+        return self._launch("scatter", opts, [out], lambda **kw: self._comm.scatter(flat, dst, root, **kw),
+                            _copy_back(out, dst, staged))
+
+    def all_to_all_single(self, output, input, output_split_sizes=None, input_split_sizes=None,  # noqa: A002
+                          opts=None):
+        opts = _options(_c10d.AllToAllOptions, opts)
+        out = _check_tensor(output, "all_to_all_single output")
+        inp = _check_tensor(input, "all_to_all_single input")
+        _same_dtype(inp, [out], "all_to_all_single")
+        n = self._world_size
+        src, _ = _staged(inp)
+        dst, staged = _staged(out)
+        finish = _copy_back(out, dst, staged)
+        in_splits = list(input_split_sizes or [])
+        out_splits = list(output_split_sizes or [])
+        if not in_splits and not out_splits and src.dim() > 0 and src.shape[0] % n == 0 \
+                and dst.numel() == src.numel():
+            return self._launch("all_to_all_single", opts, [out],
+                                lambda **kw: self._comm.alltoall(src, out=dst, **kw), finish)
+        send_counts = _split_counts(src, in_splits, n, "input")
+        recv_counts = _split_counts(dst, out_splits, n, "output")
+        return self._launch("all_to_all_single", opts, [out],
+                            lambda **kw: self._comm.alltoall(src.view(-1), out=dst.view(-1), send_counts=send_counts,
+                                                             recv_counts=recv_counts, **kw), finish)
+
+    alltoall_base = all_to_all_single
+
+    def alltoall(self, output_tensors, input_tensors, opts=None):
+        opts = _options(_c10d.AllToAllOptions, opts)
+        outs = self._check_list(output_tensors, "alltoall output")
+        ins = self._check_list(input_tensors, "alltoall input")
+        _same_dtype(ins[0], ins + outs, "alltoall")
+        send_counts = [t.numel() for t in ins]
+        recv_counts = [t.numel() for t in outs]
+        flat = _flat_cat(ins, ins[0].dtype)
+        tmp = torch.empty(sum(recv_counts), dtype=flat.dtype)
+        return self._launch("alltoall", opts, outs,
+                            lambda **kw: self._comm.alltoall(flat, out=tmp, send_counts=send_counts,
+                                                             recv_counts=recv_counts, **kw),
+                            _split_into(tmp, outs))
+
+    def barrier(self, opts=None):
+        opts = _options(_c10d.BarrierOptions, opts)
+        return self._launch("barrier", opts, [], lambda **kw: self._comm.barrier(**kw))
+
+    # ------------------------------------------------------------- point to point
+    def send(self, tensors, dstRank, tag=0):  # noqa: N803 - torch's names
+        t = _single(tensors, "send")
+        buf, _ = _staged(t)
+        # No options: isend and send look alike here, so always submit asynchronously.
+        return self._launch("send", None, [t], lambda **kw: self._comm.send(buf, dstRank, tag, **kw),
+                            async_op=True)
+
+    def recv(self, tensors, srcRank, tag=0):  # noqa: N803
+        t = _single(tensors, "recv")
+        buf, staged = _staged(t)
+        return self._launch("recv", None, [t], lambda **kw: self._comm.recv(buf, srcRank, tag, **kw),
+                            _copy_back(t, buf, staged), async_op=True)
+
+    def recv_anysource(self, tensors, tag=0):
+        raise RuntimeError("ringcc: recv from any source is not supported; pass src=")
+
+    # ------------------------------------------------------------------ lifetime
+    def shutdown(self) -> None:
+        self._comm.close()
+
+    def abort(self) -> None:
+        self._comm.abort("abort() called on the torch process group")
+
+
+def _options(cls: Any, value: Any) -> Any:
+    """Options object of ``cls`` from None, a ReduceOp or a timedelta (the convenience
+    overloads of ProcessGroup's methods)."""
+    if value is None:
+        return cls()
+    if hasattr(value, "asyncOp"):  # an options object (pybind hides e.g. AllreduceCoalescedOptions' base)
+        return value
+    opts = cls()
+    if isinstance(value, datetime.timedelta):
+        opts.timeout = value
+        return opts
+    if hasattr(opts, "reduceOp") and isinstance(value, (dist.ReduceOp, _RED)):
+        opts.reduceOp = value if isinstance(value, dist.ReduceOp) else dist.ReduceOp(value)
+        return opts
+    raise TypeError(f"ringcc: expected {cls.__name__}, got {type(value).__name__}")
+
+
+def _split_counts(t: torch.Tensor, splits: List[int], n: int, what: str) -> List[int]:
+    """Per-rank element counts from torch's row splits (empty: equal rows)."""
+    rows = t.shape[0] if t.dim() > 0 else t.numel()
+    per_row = t.numel() // rows if rows else 0
+    if not splits:
+        if rows % n:
+            raise ValueError(f"ringcc all_to_all_single: {what} has {rows} rows, not divisible by {n} ranks")
+        splits = [rows // n] * n
+    if len(splits) != n or any(int(s) < 0 for s in splits) or sum(int(s) for s in splits) != rows:
+        raise ValueError(f"ringcc all_to_all_single: {what} split sizes {splits} do not cover {rows} rows "
+                         f"in {n} parts")
+    return [int(s) * per_row for s in splits]
+
+
+# ---------------------------------------------------------------------- registration
+def _create_process_group(store: Any, rank: int, world_size: int, timeout: Any) -> RingccProcessGroup:
+    return RingccProcessGroup(store, rank, world_size, timeout)
+
+
+_register_lock = threading.Lock()
+
+
+def register() -> None:
+    """Make ``"ringcc"`` a torch.distributed backend for CPU tensors. Idempotent; CPU
+    tensors of groups created without naming a backend keep going to gloo."""
+    with _register_lock:
+        if BACKEND_NAME.upper() in getattr(dist.Backend, "_plugins", {}):
+            return
+        dist.Backend.register_backend(BACKEND_NAME, _create_process_group, extended_api=False, devices=["cpu"])
+
+
+__all__ = ["register", "RingccProcessGroup", "RingccWork", "BACKEND_NAME"]
