@@ -48,11 +48,13 @@ def run_ranks(
     join_timeout: float = 120.0,
     store: Any = None,
     name_override: Optional[str] = None,
+    per_rank: Optional[Callable[[int], dict]] = None,
     **comm_kwargs: Any,
 ) -> List[Any]:
     """Create a communicator per rank (each in its own thread), call fn(comm) on each and
     return the per-rank results. Raises RankFailures if any rank raised.
 
+    `per_rank(rank)` may add Communicator options for one rank (e.g. an emulated host_id).
     Each rank closes its communicator afterwards (abort if it failed), so tests leave no
     threads or shared memory behind."""
     store = store if store is not None else MemoryStore()
@@ -63,8 +65,9 @@ def run_ranks(
     def worker(rank: int) -> None:
         comm = None
         try:
+            extra = per_rank(rank) if per_rank else {}
             comm = ringcc.Communicator(store, rank, world_size, name=name, transport=transport,
-                                       timeout=timeout, **comm_kwargs)
+                                       timeout=timeout, **comm_kwargs, **extra)
             results[rank] = fn(comm)
         except BaseException as exc:  # noqa: BLE001 - reported to the test below
             errors[rank] = exc

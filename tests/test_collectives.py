@@ -379,37 +379,20 @@ def test_dlpack_and_buffer_protocol_objects():
 def test_mixed_shm_and_tcp_mesh(world, hosts):
     """Emulated hosts: shared memory inside a host, TCP across, in one communicator. The
     ring crosses both kinds of link and the exchanger waits on both at once."""
-    import ringcc
-
-    store = __import__("conftest").MemoryStore()
     data = [np.random.default_rng(r).standard_normal(300_001) for r in range(world)]
-    results = [None] * world
-    errors = []
 
-    def rank_main(r):
-        try:
-            comm = ringcc.Communicator(store, r, world, name="mixed", transport="auto", timeout=60,
-                                       host_id=f"host{hosts[r]}")
-            kinds = [comm.transport_to(p) for p in range(world)]
-            x = data[r].copy()
-            comm.allreduce(x, segment_bytes=32 << 10)
-            small = np.full(3, r, np.int64)
-            comm.allreduce(small, "max")
-            g = comm.allgather(np.array([r], np.int32))
-            comm.barrier()
-            comm.close()
-            results[r] = (kinds, x, small, g)
-        except BaseException as exc:  # noqa: BLE001
-            errors.append((r, exc))
+    def body(comm):
+        r = comm.rank
+        kinds = [comm.transport_to(p) for p in range(world)]
+        x = data[r].copy()
+        comm.allreduce(x, segment_bytes=32 << 10)
+        small = np.full(3, r, np.int64)
+        comm.allreduce(small, "max")
+        g = comm.allgather(np.array([r], np.int32))
+        comm.barrier()
+        return kinds, x, small, g
 
-    import threading
-
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
+    results = run_ranks(world, body, transport="auto", per_rank=lambda r: {"host_id": f"host{hosts[r]}"})
     for r, (kinds, x, small, g) in enumerate(results):
         assert kinds == ["self" if p == r else ("shm" if hosts[p] == hosts[r] else "tcp") for p in range(world)]
         np.testing.assert_allclose(x, sum(data), rtol=1e-12, atol=1e-12)
@@ -418,37 +401,18 @@ def test_mixed_shm_and_tcp_mesh(world, hosts):
         np.testing.assert_array_equal(g.ravel(), np.arange(world))
 
 
-def test_recreate_communicator_with_same_store_and_name(transport):
-    """After an abort, ranks build a new communicator on the same store and name."""
-    torch = pytest.importorskip("torch")
-    import torch.distributed as dist
-
-    store = dist.HashStore()
-    first = run_ranks(2, lambda c: c.allreduce(np.ones(3)).tolist(), store=store, transport=transport,
-                      name_override="again")
-    second = run_ranks(2, lambda c: c.allreduce(np.full(3, 2.0)).tolist(), store=store, transport=transport,
-                       name_override="again")
-    assert first == [[2.0] * 3] * 2 and second == [[4.0] * 3] * 2
-
-
 def test_world_and_subgroup_communicators_interleaved(transport):
     """Each rank holds two communicators (the world and an odd/even subgroup) and uses
     them alternately; sequence numbers and links are per communicator."""
-    import threading
-
     import ringcc
     from conftest import MemoryStore
 
     world = 4
     store = MemoryStore()
-    out = [None] * world
-    errors = []
 
-    def rank_main(r):
-        try:
-            w = ringcc.Communicator(store, r, world, name="world", transport=transport, timeout=60)
-            color = r % 2
-            sub = ringcc.Communicator(store, r // 2, 2, name=f"sub{color}", transport=transport, timeout=60)
+    def body(w):
+        r = w.rank
+        with ringcc.Communicator(store, r // 2, 2, name=f"sub{r % 2}", transport=transport, timeout=60) as sub:
             got = []
             for i in range(3):
                 a = np.full(5, r + i, np.int64)
@@ -456,19 +420,9 @@ def test_world_and_subgroup_communicators_interleaved(transport):
                 b = np.full(5, r, np.int64)
                 sub.allreduce(b, async_op=True).wait()
                 got.append((a.tolist(), b.tolist()))
-            sub.close()
-            w.close()
-            out[r] = got
-        except BaseException as exc:  # noqa: BLE001
-            errors.append((r, exc))
+        return got
 
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
-    for r, got in enumerate(out):
+    for r, got in enumerate(run_ranks(world, body, transport=transport, store=store)):
         for i, (a, b) in enumerate(got):
             assert a == [sum(q + i for q in range(world))] * 5
             assert b == [sum(q for q in range(world) if q % 2 == r % 2)] * 5
