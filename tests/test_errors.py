@@ -552,3 +552,31 @@ def test_close_and_abort_racing_on_one_communicator(transport):
     with pytest.raises(ringcc.Error, match="racing abort|aborted"):
         stuck.wait(timeout=30)
     comms[1].abort("test over")
+
+
+def test_close_from_done_callback_is_refused(transport):
+    """A done-callback runs on the progress thread, which close() would have to join:
+    it gets a clear ValueError instead of a self-join."""
+    seen = []
+    registered = threading.Event()
+
+    def body(comm):
+        if comm.rank == 0:
+            def callback(work):
+                try:
+                    comm.close()
+                except ValueError as exc:
+                    seen.append(str(exc))
+
+            work = comm.allreduce(np.ones(4), async_op=True)
+            work.add_done_callback(callback)  # before rank 1 joins: the op cannot be done yet
+            registered.set()
+            work.wait()
+        else:
+            assert registered.wait(30)
+            comm.allreduce(np.ones(4))
+        comm.barrier()  # still usable
+        return True
+
+    assert run_ranks(2, body, transport=transport) == [True, True]
+    assert len(seen) == 1 and "done-callback" in seen[0], seen

@@ -362,7 +362,15 @@ void Communicator::run_one(Queued& q) {
   q.work->finish(error);
 }
 
+void Communicator::check_not_progress_thread(const char* what) const {
+  // A done-callback runs on the progress thread; it cannot wait for that thread to end.
+  if (thread_.joinable() && std::this_thread::get_id() == thread_.get_id())
+    RINGCC_THROW(std::invalid_argument, what, "() cannot be called from a done-callback (it runs on the ",
+                 "communicator's progress thread); call it from another thread");
+}
+
 void Communicator::close() {
+  check_not_progress_thread("close");
   std::lock_guard<std::mutex> life(lifecycle_mu_);  // one closer joins the thread
   {
     std::unique_lock<std::mutex> lock(mu_);
@@ -377,6 +385,7 @@ void Communicator::close() {
 }
 
 void Communicator::abort(const std::string& reason) {
+  check_not_progress_thread("abort");
   // Links belong to the progress thread: interrupt it, let it fail what it runs, join
   // it, and only then tell the peers from this thread.
   interrupted_.store(true);

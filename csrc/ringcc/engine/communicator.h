@@ -72,6 +72,7 @@ class Communicator {
   void run_one(Queued& q);
   void execute(const OpDesc& d, const OpHeader& h);
   void fail(AbortKind kind, const std::string& reason) noexcept;
+  void check_not_progress_thread(const char* what) const;
   // Waits until no operation executes; links may then be used from this thread.
   void wait_idle();
 
