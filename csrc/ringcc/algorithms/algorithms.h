@@ -1,6 +1,7 @@
 // Collective algorithms. They see only OpContext::exchange(): no transport, no queue.
 #pragma once
 
+#include <algorithm>
 #include <vector>
 
 #include "ringcc/engine/exchange.h"
@@ -33,6 +34,21 @@ struct Partition {
   static Partition even(size_t total, int n);
   static Partition from_counts(const std::vector<size_t>& counts);
   size_t total() const { return offset.empty() ? 0 : offset.back() + count.back(); }
+};
+
+// Position `a` on a ring of n ranks (a may be negative).
+inline int ring_index(int a, int n) { return ((a % n) + n) % n; }
+
+// How a run of `elems` elements is cut into frames of about `segment_bytes`: always at
+// least one frame, so a rank with nothing to send still exchanges a header and a
+// mismatch cannot go unnoticed.
+struct Segments {
+  size_t elems, per_segment, count;
+  Segments(size_t elems_, size_t esize, size_t segment_bytes)
+      : elems(elems_), per_segment(std::max<size_t>(1, segment_bytes / esize)),
+        count(std::max<size_t>(1, (elems_ + per_segment - 1) / per_segment)) {}
+  size_t first(size_t k) const { return std::min(k * per_segment, elems); }
+  size_t length(size_t k) const { return first(k + 1) - first(k); }
 };
 
 // Building blocks (ring.cpp, recursive_doubling.cpp).

@@ -7,8 +7,6 @@
 namespace ringcc::algorithms {
 namespace {
 
-int mod(int a, int n) { return ((a % n) + n) % n; }
-
 void copy_bytes(void* dst, const void* src, size_t n) {
   if (n && dst != src) std::memmove(dst, src, n);
 }
@@ -21,7 +19,7 @@ void broadcast(OpContext& ctx, const OpDesc& d, const Tuning& t) {
   char* buf = static_cast<char*>(d.out);
   if (r == d.root && d.in) copy_bytes(buf, d.in, bytes);
   if (n == 1) return;
-  const int vr = mod(r - d.root, n);  // rank relative to the root
+  const int vr = ring_index(r - d.root, n);  // rank relative to the root
   std::vector<Transfer> v;
   if (bytes <= t.small_message_bytes || n == 2) {
     // Binomial tree: log2(n) latencies. Receive from the parent (our lowest set bit
@@ -29,24 +27,24 @@ void broadcast(OpContext& ctx, const OpDesc& d, const Tuning& t) {
     int mask = 1;
     for (; mask < n; mask <<= 1) {
       if (vr & mask) {
-        Transfer x = Transfer::recv(mod(vr - mask + d.root, n), buf, bytes);
+        Transfer x = Transfer::recv(ring_index(vr - mask + d.root, n), buf, bytes);
         ctx.exchange(&x, 1);
         break;
       }
     }
     for (mask >>= 1; mask > 0; mask >>= 1)
-      if (vr + mask < n) v.push_back(Transfer::send(mod(vr + mask + d.root, n), buf, bytes));
+      if (vr + mask < n) v.push_back(Transfer::send(ring_index(vr + mask + d.root, n), buf, bytes));
     ctx.exchange(v);
     return;
   }
   // Large messages: a pipelined chain root -> root+1 -> ... Each rank forwards frame k-1
   // while frame k arrives, so the time approaches bytes / link bandwidth for any n.
-  const int left = mod(r - 1, n), right = mod(r + 1, n);
+  const int left = ring_index(r - 1, n), right = ring_index(r + 1, n);
   const bool last = vr == n - 1;
-  size_t seg = std::max<size_t>(1, t.segment_bytes / esize);
-  size_t nseg = std::max<size_t>(1, (d.count + seg - 1) / seg);
-  auto seg_ptr = [&](size_t k) { return buf + std::min(k * seg, d.count) * esize; };
-  auto seg_bytes = [&](size_t k) { return (std::min((k + 1) * seg, d.count) - std::min(k * seg, d.count)) * esize; };
+  Segments seg(d.count, esize, t.segment_bytes);
+  const size_t nseg = seg.count;
+  auto seg_ptr = [&](size_t k) { return buf + seg.first(k) * esize; };
+  auto seg_bytes = [&](size_t k) { return seg.length(k) * esize; };
   if (vr == 0) {
     for (size_t k = 0; k < nseg; ++k) v.push_back(Transfer::send(right, seg_ptr(k), seg_bytes(k)));
     ctx.exchange(v);
@@ -117,7 +115,7 @@ void alltoall(OpContext& ctx, const OpDesc& d) {
   // visited starting at our right neighbour so not everyone hits rank 0 first.
   std::vector<Transfer> v;
   for (int k = 1; k < n; ++k) {
-    int to = mod(r + k, n), from = mod(r - k, n);
+    int to = ring_index(r + k, n), from = ring_index(r - k, n);
     v.push_back(Transfer::send(to, in + sp.offset[to] * esize, sc[to] * esize));
     v.push_back(Transfer::recv(from, out + rp.offset[from] * esize, rc[from] * esize));
   }
@@ -129,7 +127,7 @@ void barrier(OpContext& ctx) {
   // 2^(k+1) ranks; ceil(log2 n) rounds cover everyone.
   const int n = ctx.size(), r = ctx.rank();
   for (int dist = 1; dist < n; dist <<= 1) {
-    Transfer t[2] = {Transfer::send(mod(r + dist, n), nullptr, 0), Transfer::recv(mod(r - dist, n), nullptr, 0)};
+    Transfer t[2] = {Transfer::send(ring_index(r + dist, n), nullptr, 0), Transfer::recv(ring_index(r - dist, n), nullptr, 0)};
     ctx.exchange(t, 2);
   }
 }

@@ -2,26 +2,15 @@
 // its right neighbour, so every link carries (n-1)/n of the buffer per phase — the
 // bandwidth optimum. Chunks are cut into frames of segment_bytes so a receiver reduces
 // frame k while frame k+1 is still in flight.
-#include <algorithm>
-
 #include "ringcc/algorithms/algorithms.h"
 
 namespace ringcc::algorithms {
 namespace {
 
-int mod(int a, int n) { return ((a % n) + n) % n; }
-
-// Frames of one chunk: at least one, so a rank with an empty chunk still exchanges a
-// header and a mismatch cannot go unnoticed.
 template <typename Fn>
 void for_each_segment(size_t elems, size_t esize, size_t segment_bytes, Fn fn) {
-  size_t seg = std::max<size_t>(1, segment_bytes / esize);
-  size_t nseg = std::max<size_t>(1, (elems + seg - 1) / seg);
-  for (size_t k = 0; k < nseg; ++k) {
-    size_t first = k * seg;
-    size_t len = first >= elems ? 0 : std::min(seg, elems - first);
-    fn(first, len);
-  }
+  Segments seg(elems, esize, segment_bytes);
+  for (size_t k = 0; k < seg.count; ++k) fn(seg.first(k), seg.length(k));
 }
 
 }  // namespace
@@ -51,13 +40,13 @@ Partition Partition::from_counts(const std::vector<size_t>& counts) {
 
 void ring_reduce_scatter(OpContext& ctx, char* buf, const Partition& part, size_t esize, size_t segment_bytes) {
   const int n = ctx.size(), r = ctx.rank();
-  const int right = mod(r + 1, n), left = mod(r - 1, n);
+  const int right = ring_index(r + 1, n), left = ring_index(r - 1, n);
   std::vector<Transfer> v;
   // Step s: forward the partial sum of chunk r-1-s (our own data at s = 0) and fold the
   // partial sum of chunk r-2-s from the left into ours. After n-1 steps chunk r holds
   // the contributions of every rank, accumulated in ring order starting at rank r+1.
   for (int s = 0; s < n - 1; ++s) {
-    int sc = mod(r - 1 - s, n), rc = mod(r - 2 - s, n);
+    int sc = ring_index(r - 1 - s, n), rc = ring_index(r - 2 - s, n);
     v.clear();
     for_each_segment(part.count[sc], esize, segment_bytes, [&](size_t first, size_t len) {
       v.push_back(Transfer::send(right, buf + (part.offset[sc] + first) * esize, len * esize));
@@ -72,11 +61,11 @@ void ring_reduce_scatter(OpContext& ctx, char* buf, const Partition& part, size_
 
 void ring_allgather(OpContext& ctx, char* buf, const Partition& part, size_t esize, size_t segment_bytes) {
   const int n = ctx.size(), r = ctx.rank();
-  const int right = mod(r + 1, n), left = mod(r - 1, n);
+  const int right = ring_index(r + 1, n), left = ring_index(r - 1, n);
   std::vector<Transfer> v;
   // Step s: pass on the chunk that arrived in step s-1 (our own, chunk r, at s = 0).
   for (int s = 0; s < n - 1; ++s) {
-    int sc = mod(r - s, n), rc = mod(r - s - 1, n);
+    int sc = ring_index(r - s, n), rc = ring_index(r - s - 1, n);
     v.clear();
     for_each_segment(part.count[sc], esize, segment_bytes, [&](size_t first, size_t len) {
       v.push_back(Transfer::send(right, buf + (part.offset[sc] + first) * esize, len * esize));

@@ -70,10 +70,14 @@ kernels::SimdLevel parse_simd(const std::string& s) {
 
 void* ptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
 
-OpDesc make_desc(Collective kind, DataType dtype, std::optional<ReduceOp> op, int root, int peer, bool is_send,
-                 int64_t tag, uintptr_t in, size_t in_bytes, uintptr_t out, size_t out_bytes, size_t count,
-                 std::vector<size_t> counts, std::vector<size_t> recv_counts, double timeout, Algorithm algorithm,
-                 size_t segment_bytes) {
+// One queued operation from the flat argument list the Python layer passes
+// positionally; `Queue` is Communicator::submit or Communicator::run.
+template <std::shared_ptr<Work> (Communicator::*Queue)(OpDesc)>
+std::shared_ptr<Work> queue_op(Communicator& c, Collective kind, DataType dtype, std::optional<ReduceOp> op,
+                               int root, int peer, bool is_send, int64_t tag, uintptr_t in, size_t in_bytes,
+                               uintptr_t out, size_t out_bytes, size_t count, std::vector<size_t> counts,
+                               std::vector<size_t> recv_counts, double timeout, Algorithm algorithm,
+                               size_t segment_bytes) {
   OpDesc d;
   d.kind = kind;
   d.dtype = dtype;
@@ -93,8 +97,14 @@ OpDesc make_desc(Collective kind, DataType dtype, std::optional<ReduceOp> op, in
   d.timeout_seconds = timeout;
   d.algorithm = algorithm;
   d.segment_bytes = segment_bytes;
-  return d;
+  return (c.*Queue)(std::move(d));
 }
+
+#define RINGCC_OP_ARGS                                                                                  \
+  py::arg("kind"), py::arg("dtype"), py::arg("op"), py::arg("root"), py::arg("peer"), py::arg("is_send"), \
+      py::arg("tag"), py::arg("in_ptr"), py::arg("in_bytes"), py::arg("out_ptr"), py::arg("out_bytes"),    \
+      py::arg("count"), py::arg("counts"), py::arg("recv_counts"), py::arg("timeout"),                     \
+      py::arg("algorithm"), py::arg("segment_bytes")
 
 }  // namespace
 
@@ -205,30 +215,8 @@ PYBIND11_MODULE(_C, m) {
       .def("link_kind", &Communicator::link_kind)
       // submit: queue for the progress thread. run: the same for a caller about to
       // wait, executed inline (without the GIL) when the communicator is idle.
-      .def("submit",
-           [](Communicator& c, Collective kind, DataType dtype, std::optional<ReduceOp> op, int root, int peer,
-              bool is_send, int64_t tag, uintptr_t in, size_t in_bytes, uintptr_t out, size_t out_bytes,
-              size_t count, std::vector<size_t> counts, std::vector<size_t> recv_counts, double timeout,
-              Algorithm algorithm, size_t segment_bytes) {
-             return c.submit(make_desc(kind, dtype, op, root, peer, is_send, tag, in, in_bytes, out, out_bytes, count,
-                                       std::move(counts), std::move(recv_counts), timeout, algorithm, segment_bytes));
-           },
-           py::arg("kind"), py::arg("dtype"), py::arg("op"), py::arg("root"), py::arg("peer"), py::arg("is_send"),
-           py::arg("tag"), py::arg("in_ptr"), py::arg("in_bytes"), py::arg("out_ptr"), py::arg("out_bytes"),
-           py::arg("count"), py::arg("counts"), py::arg("recv_counts"), py::arg("timeout"), py::arg("algorithm"),
-           py::arg("segment_bytes"))
-      .def("run",
-           [](Communicator& c, Collective kind, DataType dtype, std::optional<ReduceOp> op, int root, int peer,
-              bool is_send, int64_t tag, uintptr_t in, size_t in_bytes, uintptr_t out, size_t out_bytes,
-              size_t count, std::vector<size_t> counts, std::vector<size_t> recv_counts, double timeout,
-              Algorithm algorithm, size_t segment_bytes) {
-             return c.run(make_desc(kind, dtype, op, root, peer, is_send, tag, in, in_bytes, out, out_bytes, count,
-                                    std::move(counts), std::move(recv_counts), timeout, algorithm, segment_bytes));
-           },
-           py::arg("kind"), py::arg("dtype"), py::arg("op"), py::arg("root"), py::arg("peer"), py::arg("is_send"),
-           py::arg("tag"), py::arg("in_ptr"), py::arg("in_bytes"), py::arg("out_ptr"), py::arg("out_bytes"),
-           py::arg("count"), py::arg("counts"), py::arg("recv_counts"), py::arg("timeout"), py::arg("algorithm"),
-           py::arg("segment_bytes"), py::call_guard<py::gil_scoped_release>())
+      .def("submit", &queue_op<&Communicator::submit>, RINGCC_OP_ARGS)
+      .def("run", &queue_op<&Communicator::run>, RINGCC_OP_ARGS, py::call_guard<py::gil_scoped_release>())
       .def("close", &Communicator::close, py::call_guard<py::gil_scoped_release>())
       .def("abort", &Communicator::abort, py::arg("reason"), py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("is_aborted", &Communicator::is_aborted)

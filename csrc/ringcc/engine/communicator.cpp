@@ -32,6 +32,11 @@ bool overlaps(const void* a, size_t an, const void* b, size_t bn) {
   return an && bn && pa < pb + bn && pb < pa + an;
 }
 
+bool is_rooted(Collective c) {
+  return c == Collective::kBroadcast || c == Collective::kReduce || c == Collective::kGather ||
+         c == Collective::kScatter;
+}
+
 std::exception_ptr make_error(AbortKind kind, const std::string& text) {
   switch (kind) {
     case AbortKind::kTimeout: return std::make_exception_ptr(TimeoutError(text));
@@ -77,12 +82,9 @@ void Communicator::connect(const std::vector<std::string>& infos) {
   Deadline deadline = Deadline::after(options_.timeout_seconds);
   mesh_.connect(infos, deadline);
   // Nobody may remove its shared-memory name before every peer has mapped it.
-  OpContext ctx;
-  ctx.mesh = &mesh_;
-  ctx.op.kind = Collective::kConnect;
-  ctx.deadline = deadline;
-  ctx.interrupted = &interrupted_;
-  ctx.spin_seconds = options_.spin_seconds;
+  OpHeader setup;
+  setup.kind = Collective::kConnect;
+  OpContext ctx = make_context(setup, deadline);
   try {
     algorithms::barrier(ctx);
   } catch (const RemoteAbort& ra) {
@@ -112,8 +114,7 @@ void Communicator::validate(const OpDesc& d) const {
                    dtype_name(d.dtype), why);
     }
   }
-  bool rooted = d.kind == Collective::kBroadcast || d.kind == Collective::kReduce ||
-                d.kind == Collective::kGather || d.kind == Collective::kScatter;
+  const bool rooted = is_rooted(d.kind);
   if (rooted)
     RINGCC_CHECK_ARG(d.root >= 0 && d.root < n, name, ": root ", d.root, " is out of range for ", n, " ranks");
   if (d.kind == Collective::kSendRecv)
@@ -193,8 +194,7 @@ OpHeader Communicator::header_for(const OpDesc& d) {
   h.has_op = d.has_op ? 1 : 0;
   h.op = d.has_op ? d.op : ReduceOp::kSum;
   h.count = d.count;
-  bool rooted = d.kind == Collective::kBroadcast || d.kind == Collective::kReduce ||
-                d.kind == Collective::kGather || d.kind == Collective::kScatter;
+  const bool rooted = is_rooted(d.kind);
   h.root = rooted ? d.root : -1;
   switch (d.kind) {
     case Collective::kAllgatherV:
@@ -249,15 +249,20 @@ std::shared_ptr<Work> Communicator::enqueue(OpDesc d, bool inline_if_idle) {
   return work;
 }
 
-void Communicator::execute(const OpDesc& d, const OpHeader& h) {
+OpContext Communicator::make_context(const OpHeader& h, const Deadline& deadline) {
   OpContext ctx;
   ctx.mesh = &mesh_;
   ctx.op = h;
-  double timeout = d.timeout_seconds > 0 ? d.timeout_seconds : options_.timeout_seconds;
-  ctx.deadline = Deadline::after(timeout);
+  ctx.deadline = deadline;
   ctx.interrupted = &interrupted_;
   ctx.spin_seconds = options_.spin_seconds;
   ctx.yield_while_spinning = oversubscribed_;
+  return ctx;
+}
+
+void Communicator::execute(const OpDesc& d, const OpHeader& h) {
+  double timeout = d.timeout_seconds > 0 ? d.timeout_seconds : options_.timeout_seconds;
+  OpContext ctx = make_context(h, Deadline::after(timeout));
   algorithms::Tuning t{d.segment_bytes ? d.segment_bytes : options_.segment_bytes,
                        options_.small_message_bytes};
   OpDesc local = d;

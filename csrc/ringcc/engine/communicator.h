@@ -70,6 +70,7 @@ class Communicator {
   std::shared_ptr<Work> enqueue(OpDesc d, bool inline_if_idle);
   void progress_loop();
   void run_one(Queued& q);
+  OpContext make_context(const OpHeader& h, const Deadline& deadline);
   void execute(const OpDesc& d, const OpHeader& h);
   void fail(AbortKind kind, const std::string& reason) noexcept;
   void check_not_progress_thread(const char* what) const;

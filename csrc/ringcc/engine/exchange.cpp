@@ -30,6 +30,19 @@ enum Stage : uint8_t { kHeader = 0, kPayload, kPadding, kAbortText, kDone };
 constexpr auto kBlockSlice = std::chrono::milliseconds(50);
 const char kZeros[8] = {0};
 
+// An abort frame complete at the front of `n` readable bytes: its kind and text.
+bool parse_abort_frame(const void* p, size_t n, RemoteAbort* out) {
+  if (n < kFrameHeaderBytes) return false;
+  FrameHeader h;
+  std::memcpy(&h, p, sizeof(h));
+  if (h.magic != kFrameMagic || h.type != FrameType::kAbort || h.payload_bytes > kMaxAbortText ||
+      n < kFrameHeaderBytes + h.payload_bytes)
+    return false;
+  *out = RemoteAbort{h.abort_kind, std::string(static_cast<const char*>(p) + kFrameHeaderBytes,
+                                               static_cast<size_t>(h.payload_bytes))};
+  return true;
+}
+
 class Runner {
  public:
   Runner(OpContext& ctx, Transfer* t, size_t n)
@@ -125,14 +138,8 @@ void Runner::rethrow_with_abort_reason(Link* link) {
     } catch (const std::exception&) {
       n = 0;
     }
-    if (n >= kFrameHeaderBytes) {
-      FrameHeader h;
-      std::memcpy(&h, p, sizeof(h));
-      if (h.magic == kFrameMagic && h.type == FrameType::kAbort && h.payload_bytes <= kMaxAbortText &&
-          n >= kFrameHeaderBytes + h.payload_bytes)
-        throw RemoteAbort{h.abort_kind, std::string(static_cast<const char*>(p) + kFrameHeaderBytes,
-                                                    static_cast<size_t>(h.payload_bytes))};
-    }
+    RemoteAbort ra;
+    if (parse_abort_frame(p, n, &ra)) throw ra;
   }
   throw;
 }
@@ -285,14 +292,12 @@ void Runner::inspect_idle_tcp(Link* link) {
   const void* p = nullptr;
   size_t n = link->peek(&p);
   if (n >= kFrameHeaderBytes) {
+    RemoteAbort ra;
+    if (parse_abort_frame(p, n, &ra)) throw ra;
     FrameHeader h;
     std::memcpy(&h, p, sizeof(h));
-    if (h.type == FrameType::kAbort && h.magic == kFrameMagic && h.payload_bytes <= kMaxAbortText) {
-      if (n >= kFrameHeaderBytes + h.payload_bytes)
-        throw RemoteAbort{h.abort_kind, std::string(static_cast<const char*>(p) + kFrameHeaderBytes,
-                                                    static_cast<size_t>(h.payload_bytes))};
-      return;  // rest of the text still in flight
-    }
+    if (h.magic == kFrameMagic && h.type == FrameType::kAbort && h.payload_bytes <= kMaxAbortText)
+      return;  // an abort whose text is still in flight
     parked_[link->peer()] = 1;  // data of a later operation, or a goodbye: not ours to read
     return;
   }

@@ -86,11 +86,8 @@ std::string host_identity() {
   char name[256] = {0};
   gethostname(name, sizeof(name) - 1);
   // Same boot, same IPC and mount namespaces (same /dev/shm): shared memory works.
-  std::string key = std::string(name) + "/" + read_first_line("/proc/sys/kernel/random/boot_id") +
-                    "/" + read_link("/proc/self/ns/ipc") + "/" + read_link("/proc/self/ns/mnt");
-  for (char& c : key)
-    if (c == ';' || c == '=') c = '_';
-  return key;
+  return std::string(name) + "/" + read_first_line("/proc/sys/kernel/random/boot_id") + "/" +
+         read_link("/proc/self/ns/ipc") + "/" + read_link("/proc/self/ns/mnt");
 }
 
 Mesh::Mesh(int rank, int size, MeshOptions options)
@@ -105,7 +102,7 @@ Mesh::Mesh(int rank, int size, MeshOptions options)
   std::random_device rd;
   nonce_ = (uint64_t(rd()) << 32) ^ rd();
   host_key_ = options_.host_id.empty() ? host_identity() : options_.host_id;
-  for (char& c : host_key_)
+  for (char& c : host_key_)  // it travels inside a "key=value;..." record
     if (c == ';' || c == '=') c = '_';
   interrupt_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (size_ == 1) return;
