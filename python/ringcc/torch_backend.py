@@ -278,6 +278,22 @@ class RingccProcessGroup(dist.ProcessGroup):
         result = call(async_op=async_op, timeout=_op_timeout(opts))
         return RingccWork(outputs, result if async_op else None, finish, name)
 
+    def _check_pairs(self, outputs, inputs, what: str, *, gathered: str):
+        """Validated (outputs, inputs) of a coalesced call. In each pair the `gathered`
+        side ("output" or "input") holds world_size times the elements of the other."""
+        outs = [_check_tensor(t, f"{what} output") for t in outputs]
+        ins = [_check_tensor(t, f"{what} input") for t in inputs]
+        if len(outs) != len(ins):
+            raise ValueError(f"ringcc {what}: need as many outputs as inputs")
+        if ins:
+            _same_dtype(ins[0], ins + outs, what)
+        other = "input" if gathered == "output" else "output"
+        for o, i in zip(outs, ins):
+            big, small = (o, i) if gathered == "output" else (i, o)
+            if big.numel() != self._world_size * small.numel():
+                raise ValueError(f"ringcc {what}: an {gathered} is not world_size times its {other}")
+        return outs, ins
+
     def _check_list(self, tensors: Sequence[torch.Tensor], what: str) -> List[torch.Tensor]:
         tensors = [_check_tensor(t, what) for t in tensors]
         if len(tensors) != self._world_size:
@@ -360,17 +376,9 @@ class RingccProcessGroup(dist.ProcessGroup):
     def allgather_into_tensor_coalesced(self, outputs, inputs, opts=None):
         """Several all_gather_into_tensor calls as one ringcc allgather."""
         opts = _options(_c10d.AllgatherOptions, opts)
-        outs = [_check_tensor(t, "allgather_into_tensor_coalesced output") for t in outputs]
-        ins = [_check_tensor(t, "allgather_into_tensor_coalesced input") for t in inputs]
-        if len(outs) != len(ins):
-            raise ValueError("ringcc allgather_into_tensor_coalesced: need as many outputs as inputs")
+        outs, ins = self._check_pairs(outputs, inputs, "allgather_into_tensor_coalesced", gathered="output")
         if not ins:
             return RingccWork([], None, None, "allgather_into_tensor_coalesced")
-        _same_dtype(ins[0], ins + outs, "allgather_into_tensor_coalesced")
-        for o, i in zip(outs, ins):
-            if o.numel() != self._world_size * i.numel():
-                raise ValueError("ringcc allgather_into_tensor_coalesced: an output is not world_size times "
-                                 "its input")
         n = self._world_size
         flat = _flat_cat(ins, ins[0].dtype)
         tmp = torch.empty((n, flat.numel()), dtype=flat.dtype)
@@ -424,18 +432,10 @@ class RingccProcessGroup(dist.ProcessGroup):
     def reduce_scatter_tensor_coalesced(self, outputs, inputs, opts=None):
         """Several reduce_scatter_tensor calls as one ringcc reduce_scatter."""
         opts = _options(_c10d.ReduceScatterOptions, opts)
-        outs = [_check_tensor(t, "reduce_scatter_tensor_coalesced output") for t in outputs]
-        ins = [_check_tensor(t, "reduce_scatter_tensor_coalesced input") for t in inputs]
-        if len(outs) != len(ins):
-            raise ValueError("ringcc reduce_scatter_tensor_coalesced: need as many outputs as inputs")
+        outs, ins = self._check_pairs(outputs, inputs, "reduce_scatter_tensor_coalesced", gathered="input")
         if not ins:
             return RingccWork([], None, None, "reduce_scatter_tensor_coalesced")
-        _same_dtype(ins[0], ins + outs, "reduce_scatter_tensor_coalesced")
         n = self._world_size
-        for o, i in zip(outs, ins):
-            if i.numel() != n * o.numel():
-                raise ValueError("ringcc reduce_scatter_tensor_coalesced: an input is not world_size times "
-                                 "its output")
         op = _reduce_op(opts.reduceOp)
         total = sum(o.numel() for o in outs)
         with torch.no_grad():
