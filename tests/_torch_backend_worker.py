@@ -130,6 +130,30 @@ def check_collectives(c: Checks) -> None:
             assert_same(a, b, "all_reduce_coalesced")
     c.run("allreduce/coalesced", allreduce_coalesced)
 
+    def tensor_collectives_coalesced():
+        # Inside _coalescing_manager torch batches these into the process group's
+        # allgather_into_tensor_coalesced / reduce_scatter_tensor_coalesced.
+        n = dist.get_world_size()
+        ins = [values((4,), torch.float32, seed + 30), values((2, 3), torch.float32, seed + 31)]
+        outs = [torch.empty((n * t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype) for t in ins]
+        with dist._coalescing_manager():
+            for o, i in zip(outs, ins):
+                dist.all_gather_into_tensor(o, i)
+        for o, i in zip(outs, ins):
+            want = torch.empty_like(o)
+            dist.all_gather_into_tensor(want, i, group=GLOO)
+            assert_same(o, want, "allgather_into_tensor_coalesced")
+        bigs = [values((n * 3,), torch.float32, seed + 32), values((n * 5,), torch.float32, seed + 33)]
+        small = [torch.empty(b.numel() // n, dtype=b.dtype) for b in bigs]
+        with dist._coalescing_manager():
+            for o, i in zip(small, bigs):
+                dist.reduce_scatter_tensor(o, i)
+        for o, i in zip(small, bigs):
+            want = torch.empty_like(o)
+            dist.reduce_scatter_tensor(want, i.clone(), group=GLOO)
+            assert_same(o, want, "reduce_scatter_tensor_coalesced", rtol=1e-6, atol=1e-6)
+    c.run("coalesced/allgather_reduce_scatter_tensor", tensor_collectives_coalesced)
+
     # broadcast from every root, several dtypes.
     for dtype in [torch.float32, torch.int64, torch.bfloat16]:
         def broadcast(dtype=dtype):

@@ -139,7 +139,7 @@ def test_setup(results):
 
 
 @pytest.mark.parametrize("topic", ["allreduce", "broadcast", "allgather", "reduce_scatter", "reduce", "gather",
-                                   "scatter", "alltoall_single", "alltoall", "barrier", "send_recv"])
+                                   "scatter", "alltoall_single", "alltoall", "barrier", "send_recv", "coalesced"])
 def test_collective_matches_gloo(results, topic):
     _assert_checks(results, topic)
 
