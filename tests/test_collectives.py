@@ -3,6 +3,8 @@ world sizes 1..8, against NumPy references; results are checked on every rank.""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -233,6 +235,84 @@ def test_send_recv_does_not_disturb_collectives(transport):
 
     for out in run_ranks(3, body, transport=transport):
         np.testing.assert_array_equal(out, np.full(4, 3, np.float32))
+
+
+BIG = 3 << 20  # float32 elements: 12 MiB, far more than a shared-memory ring or socket buffer holds
+
+
+@pytest.mark.parametrize("order", ["send_first", "recv_first", "mixed"])
+def test_isend_irecv_pairs_progress_together(transport, order):
+    """Both ranks post a large isend and an irecv to each other. Neither send can finish
+    before the other rank receives, so the two must progress together, whichever order
+    each rank posts them in."""
+    def body(comm):
+        peer = 1 - comm.rank
+        x = np.full(BIG, comm.rank + 1, np.float32)
+        y = np.zeros(BIG, np.float32)
+        send_first = order == "send_first" or (order == "mixed" and comm.rank == 0)
+        if send_first:
+            works = [comm.send(x, peer, async_op=True), comm.recv(y, peer, async_op=True)]
+        else:
+            works = [comm.recv(y, peer, async_op=True), comm.send(x, peer, async_op=True)]
+        for w in works:
+            w.wait()
+        return y
+
+    for rank, y in enumerate(run_ranks(2, body, transport=transport, timeout=60)):
+        np.testing.assert_array_equal(y, np.full(BIG, 2 - rank, np.float32))
+
+
+def test_isend_irecv_ring_shift_then_collective(transport):
+    """Every rank sends a large message to its right neighbour and receives from its left,
+    several tagged messages per pair, then joins an allreduce queued behind them."""
+    world = 3
+
+    def body(comm):
+        r = comm.rank
+        right, left = (r + 1) % world, (r - 1) % world
+        sizes = [BIG // 2, 7, 0, BIG // 3]
+        outs = [np.empty(n, np.int32) for n in sizes]
+        works = []
+        for tag, n in enumerate(sizes):
+            works.append(comm.send(np.full(n, 100 * r + tag, np.int32), right, tag=tag, async_op=True))
+            works.append(comm.recv(outs[tag], left, tag=tag, async_op=True))
+        total = np.full(5, r, np.float64)
+        works.append(comm.allreduce(total, async_op=True))
+        for w in works:
+            w.wait()
+        return left, outs, total
+
+    for left, outs, total in run_ranks(world, body, transport=transport, timeout=60):
+        for tag, out in enumerate(outs):
+            np.testing.assert_array_equal(out, np.full(out.size, 100 * left + tag, np.int32))
+        np.testing.assert_array_equal(total, np.full(5, 0 + 1 + 2, np.float64))
+
+
+def test_p2p_batch_finishes_each_work_on_its_own():
+    """A small receive completes while a large send posted before it still waits for a
+    receiver, which only posts once rank 0 has seen the small message (ranks are threads
+    here, so an Event carries that signal outside ringcc)."""
+    checked = threading.Event()
+
+    def body(comm):
+        if comm.rank == 0:
+            big = comm.send(np.ones(BIG, np.float32), 1, async_op=True)
+            small = np.zeros(1, np.int64)
+            comm.recv(small, 1, async_op=True).wait()
+            done_before = big.is_completed()
+            checked.set()
+            big.wait()
+            return int(small[0]), done_before
+        comm.send(np.array([42], np.int64), 0)
+        assert checked.wait(60), "rank 0 never received the small message"
+        y = np.zeros(BIG, np.float32)
+        comm.recv(y, 0)
+        assert (y == 1).all()
+        return None
+
+    small, done_before = run_ranks(2, body, transport="shm", timeout=60)[0]
+    assert small == 42
+    assert not done_before  # rank 1 had not received it yet
 
 
 def test_async_ops_complete_in_issue_order():

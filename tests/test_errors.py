@@ -233,6 +233,68 @@ def test_timeout_per_op_override(transport):
     assert isinstance(err1, ringcc.Error), repr(err1)
 
 
+def test_timeout_in_point_to_point_batch_names_the_waiting_operation(transport):
+    """Rank 0 posts an isend (which completes) and two irecvs rank 1 never matches; the
+    first to expire names itself and the peer, and the other irecv fails with it."""
+    released = threading.Event()
+    hold = threading.Barrier(2)
+
+    def fn(comm):
+        _start(hold)
+        if comm.rank == 1:
+            comm.recv(np.empty(3, F32), 0, tag=7)
+            assert released.wait(30), "rank 0 never gave up"
+            _linger(hold)
+            return None
+        sent = comm.send(np.ones(3, F32), 1, tag=7, async_op=True)
+        slow = comm.recv(np.empty(5, F32), 1, tag=8, async_op=True, timeout=60)
+        fast = comm.recv(np.empty(2, F32), 1, tag=9, async_op=True, timeout=0.5)
+        errors = []
+        for w in (fast, slow):
+            try:
+                w.wait()
+            except ringcc.Error as exc:
+                errors.append(exc)
+        sent.wait()  # done before anything failed: no error
+        released.set()
+        _linger(hold)
+        return errors
+
+    errors = run_ranks(2, fn, transport=transport, timeout=60, join_timeout=25)[0]
+    assert len(errors) == 2, errors
+    fast_err, slow_err = errors
+    assert isinstance(fast_err, ringcc.TimeoutError), repr(fast_err)
+    msg = str(fast_err)
+    assert re.search(r"send/recv\(seq=\d+, dtype=float32, count=2, tag=9\) timed out after 0.5 s", msg), msg
+    # Receives from one peer share a stream: the tag=8 one, in front, is what it waits for.
+    assert re.search(r"to receive 20 bytes from rank 1 for send/recv\(seq=\d+, dtype=float32, count=5, tag=8\)",
+                     msg), msg
+    assert str(fast_err) in str(slow_err)
+
+
+def test_point_to_point_tag_mismatch_raises_on_both_ranks(transport):
+    hold = threading.Barrier(2)
+
+    def fn(comm):
+        _start(hold)
+        try:
+            if comm.rank == 0:
+                comm.send(np.ones(3, F32), 1, tag=1)
+                comm.barrier()  # the send may complete before rank 1 looks at it
+            else:
+                comm.recv(np.empty(3, F32), 0, tag=2)
+        except ringcc.MismatchError as exc:
+            return exc
+        finally:
+            _linger(hold)
+        return None
+
+    for err in run_ranks(2, fn, transport=transport, timeout=30, join_timeout=25):
+        assert isinstance(err, ringcc.MismatchError), repr(err)
+        assert "tag" in _differing(str(err)), str(err)
+        assert "tag=1" in str(err) and "tag=2" in str(err), str(err)
+
+
 def test_timeout_class_hierarchy():
     assert issubclass(ringcc.TimeoutError, TimeoutError)
     assert issubclass(ringcc.TimeoutError, ringcc.Error)

@@ -244,8 +244,13 @@ std::shared_ptr<Work> Communicator::enqueue(OpDesc d, bool inline_if_idle) {
     run_one(q);
     return work;
   }
+  const bool p2p = q.desc.kind == Collective::kSendRecv;
   queue_.push_back(std::move(q));
+  pushed_.fetch_add(1);
+  lock.unlock();
   cv_.notify_all();
+  // A running batch may be asleep on its links; it should take this one in now.
+  if (p2p && p2p_batch_open_.load()) mesh_.interrupt();
   return work;
 }
 
@@ -335,11 +340,19 @@ void Communicator::run_one(Queued& q) {
                                     describe(q.header) + " was cancelled: the communicator is being aborted"));
     return;
   }
-  std::exception_ptr error;
+  if (q.desc.kind == Collective::kSendRecv) {
+    run_p2p_batch(q);
+    return;
+  }
+  q.work->finish(guarded([&] { execute(q.desc, q.header); }));
+}
+
+std::exception_ptr Communicator::guarded(const std::function<void()>& body) {
   AbortKind kind = AbortKind::kGeneric;
   std::string text;
   try {
-    execute(q.desc, q.header);
+    body();
+    return nullptr;
   } catch (const RemoteAbort& ra) {
     kind = ra.kind;
     text = ra.text;
@@ -358,13 +371,112 @@ void Communicator::run_one(Queued& q) {
   } catch (const std::exception& e) {
     text = e.what();
   }
-  if (!text.empty()) {
-    // Tell every peer first, so ranks blocked elsewhere fail now, not at their timeout.
-    fail(kind, text);  // noexcept: Mesh::abort never throws
-    std::lock_guard<std::mutex> lock(reason_mu_);
-    error = make_error(abort_kind_, abort_reason_);
+  if (text.empty()) text = "unknown error";
+  // Tell every peer first, so ranks blocked elsewhere fail now, not at their timeout.
+  fail(kind, text);  // noexcept: Mesh::abort never throws
+  std::lock_guard<std::mutex> lock(reason_mu_);
+  return make_error(abort_kind_, abort_reason_);
+}
+
+namespace {
+
+// The operations of one point-to-point batch; operation i owns transfer i.
+class P2PBatch : public TransferFeed {
+ public:
+  using Add = std::function<void(OpDesc&&, const OpHeader&, std::shared_ptr<Work>)>;
+  // Hands each newly queued point-to-point operation to `add`; returns whether any.
+  using Take = std::function<bool(const Add& add)>;
+
+  P2PBatch(OpContext& ctx, double default_timeout, Take take)
+      : ctx_(ctx), default_timeout_(default_timeout), take_(std::move(take)) {}
+
+  void add(OpDesc d, const OpHeader& h, std::shared_ptr<Work> w, std::vector<Transfer>& transfers) {
+    double timeout = d.timeout_seconds > 0 ? d.timeout_seconds : default_timeout_;
+    const size_t bytes = d.count * element_size(d.dtype);
+    ops_.push_back(Op{std::move(d), h, std::move(w), Deadline::after(timeout), false});
+    const Op& op = ops_.back();
+    Transfer t = op.desc.is_send ? Transfer::send(op.desc.peer, op.desc.in, bytes)
+                                 : Transfer::recv(op.desc.peer, op.desc.out, bytes);
+    t.op = &op.header;  // deque elements never move
+    transfers.push_back(t);
+    retarget();
   }
-  q.work->finish(error);
+
+  bool pull(std::vector<Transfer>& transfers) override {
+    return take_([&](OpDesc&& d, const OpHeader& h, std::shared_ptr<Work> w) {
+      add(std::move(d), h, std::move(w), transfers);
+    });
+  }
+
+  void completed(size_t index) override {
+    Op& op = ops_[index];
+    op.done = true;
+    retarget();
+    op.work->finish(nullptr);
+  }
+
+  void fail_unfinished(std::exception_ptr error) {
+    for (Op& op : ops_)
+      if (!op.done) {
+        op.done = true;
+        op.work->finish(error);
+      }
+  }
+
+ private:
+  struct Op {
+    OpDesc desc;
+    OpHeader header;
+    std::shared_ptr<Work> work;
+    Deadline deadline;
+    bool done;
+  };
+
+  // Timeouts and messages follow the unfinished operation that expires first.
+  void retarget() {
+    const Op* first = nullptr;
+    for (const Op& op : ops_)
+      if (!op.done && (!first || op.deadline.at < first->deadline.at)) first = &op;
+    if (!first) return;
+    ctx_.deadline = first->deadline;
+    ctx_.op = first->header;
+  }
+
+  OpContext& ctx_;
+  double default_timeout_;
+  Take take_;
+  std::deque<Op> ops_;
+};
+
+}  // namespace
+
+void Communicator::run_p2p_batch(Queued& first) {
+  OpContext ctx = make_context(first.header, Deadline::after(options_.timeout_seconds));
+  uint64_t seen = ~uint64_t(0);  // the first look always checks the queue
+  // Takes the point-to-point operations now at the front of the queue; only looks
+  // (locks) when something was queued since the last look.
+  auto take = [this, &seen](const P2PBatch::Add& add) {
+    uint64_t now = pushed_.load();
+    if (now == seen) return false;
+    seen = now;
+    bool any = false;
+    std::lock_guard<std::mutex> lock(mu_);
+    while (!queue_.empty() && queue_.front().desc.kind == Collective::kSendRecv) {
+      Queued& q = queue_.front();
+      add(std::move(q.desc), q.header, std::move(q.work));
+      queue_.pop_front();
+      any = true;
+    }
+    return any;
+  };
+  P2PBatch batch(ctx, options_.timeout_seconds, take);
+  std::vector<Transfer> transfers;
+  batch.add(std::move(first.desc), first.header, first.work, transfers);
+  batch.pull(transfers);  // those queued before this batch started
+  p2p_batch_open_.store(true);
+  std::exception_ptr error = guarded([&] { ctx.exchange(transfers, batch); });
+  p2p_batch_open_.store(false);
+  if (error) batch.fail_unfinished(error);
 }
 
 void Communicator::check_not_progress_thread(const char* what) const {

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -70,6 +71,12 @@ class Communicator {
   std::shared_ptr<Work> enqueue(OpDesc d, bool inline_if_idle);
   void progress_loop();
   void run_one(Queued& q);
+  // Runs `first` and every point-to-point operation queued behind it (also those queued
+  // while it runs) as one exchange; each Work finishes as soon as its own data is done.
+  void run_p2p_batch(Queued& first);
+  // Runs `body`; if it throws, aborts the communicator (telling every peer) and returns
+  // the error each affected Work gets. nullptr when `body` succeeded.
+  std::exception_ptr guarded(const std::function<void()>& body);
   OpContext make_context(const OpHeader& h, const Deadline& deadline);
   void execute(const OpDesc& d, const OpHeader& h);
   void fail(AbortKind kind, const std::string& reason) noexcept;
@@ -96,6 +103,8 @@ class Communicator {
   bool connected_ = false;
   bool closed_ = false;
   uint64_t next_seq_ = 1;
+  std::atomic<uint64_t> pushed_{0};        // operations ever queued (lets a p2p batch look cheaply)
+  std::atomic<bool> p2p_batch_open_{false};  // a p2p batch runs: wake it when more p2p is queued
   std::vector<uint64_t> send_seq_, recv_seq_;
   std::thread thread_;
   std::mutex lifecycle_mu_;  // serialises close() and abort()

@@ -45,9 +45,10 @@ bool parse_abort_frame(const void* p, size_t n, RemoteAbort* out) {
 
 class Runner {
  public:
-  Runner(OpContext& ctx, Transfer* t, size_t n)
-      : ctx_(ctx), t_(t), n_(n), mesh_(*ctx.mesh), size_(mesh_.size()),
-        closed_seen_(size_), parked_(size_) {}
+  Runner(OpContext& ctx, Transfer* t, size_t n, std::vector<Transfer>* grown = nullptr,
+         TransferFeed* feed = nullptr)
+      : ctx_(ctx), t_(t), n_(n), grown_(grown), feed_(feed), mesh_(*ctx.mesh), size_(mesh_.size()),
+        queue_of_(2 * static_cast<size_t>(size_), -1), closed_seen_(size_), parked_(size_) {}
 
   void run();
 
@@ -63,6 +64,9 @@ class Runner {
   [[noreturn]] void timeout();
   std::string who() const { return detail::concat("rank ", mesh_.rank()); }
   bool has_pending_with(int peer) const;
+  void add_transfers(size_t from);
+  bool pull_more();
+  const OpHeader& op_of(const Transfer& x) const { return x.op ? *x.op : ctx_.op; }
 
   // Transfers sharing a (peer, direction) use one byte stream, so only the first
   // unfinished one of each queue can move; a pass touches queue heads only.
@@ -77,9 +81,12 @@ class Runner {
   OpContext& ctx_;
   Transfer* t_;
   size_t n_;
+  std::vector<Transfer>* grown_;  // with feed_: the vector t_ points into
+  TransferFeed* feed_;
   Mesh& mesh_;
   int size_;
   std::vector<Queue> queues_;
+  std::vector<int> queue_of_;  // (peer, direction) -> index in queues_
   std::vector<uint8_t> closed_seen_, parked_;
 };
 
@@ -147,15 +154,16 @@ void Runner::rethrow_with_abort_reason(Link* link) {
 void Runner::fail_closed(const Transfer& x, bool mid_frame) {
   RINGCC_THROW(PeerError, who(), ": the connection from rank ", x.peer, " closed ",
                mid_frame ? "in the middle of a frame" : "without a goodbye", " during ",
-               describe(ctx_.op), " (rank ", x.peer, " probably died or was killed)");
+               describe(op_of(x)), " (rank ", x.peer, " probably died or was killed)");
 }
 
 void Runner::on_header(Transfer& x) {
+  const OpHeader& expected = op_of(x);
   FrameHeader h;
   std::memcpy(&h, x.header, sizeof(h));
   if (h.magic != kFrameMagic || h.version != kProtocolVersion || h.sender != static_cast<uint32_t>(x.peer))
     RINGCC_THROW(PeerError, who(), ": received a malformed frame from rank ", x.peer, " during ",
-                 describe(ctx_.op), " (protocol violation or version mismatch)");
+                 describe(expected), " (protocol violation or version mismatch)");
   if (h.type == FrameType::kAbort) {
     RINGCC_CHECK_ARG(h.payload_bytes <= kMaxAbortText, "oversized abort text");
     x.stage = kAbortText;
@@ -166,17 +174,17 @@ void Runner::on_header(Transfer& x) {
   }
   if (h.type == FrameType::kBye)
     RINGCC_THROW(PeerError, who(), ": rank ", x.peer, " closed its communicator while rank ",
-                 mesh_.rank(), " was waiting for its data in ", describe(ctx_.op));
+                 mesh_.rank(), " was waiting for its data in ", describe(expected));
   if (h.type != FrameType::kData)
     RINGCC_THROW(PeerError, who(), ": unknown frame type from rank ", x.peer);
-  std::string diff = differing_fields(h.op, ctx_.op);
+  std::string diff = differing_fields(h.op, expected);
   if (!diff.empty())
     RINGCC_THROW(MismatchError, who(), ": operation mismatch with rank ", x.peer, ": rank ", x.peer,
                  " called ", describe(h.op), " but rank ", mesh_.rank(), " called ",
-                 describe(ctx_.op), "; they differ in: ", diff);
+                 describe(expected), "; they differ in: ", diff);
   if (h.payload_bytes != x.bytes)
     RINGCC_THROW(MismatchError, who(), ": size mismatch with rank ", x.peer, " in ",
-                 describe(ctx_.op), ": rank ", x.peer, " sent ", h.payload_bytes,
+                 describe(expected), ": rank ", x.peer, " sent ", h.payload_bytes,
                  " bytes where rank ", mesh_.rank(), " expected ", x.bytes,
                  " (per-rank counts or splits differ between the ranks)");
   x.stage = kPayload;
@@ -365,6 +373,7 @@ void Runner::timeout() {
     bool s = q.send;
     os << sep << (s ? "to send " : "to receive ") << x.bytes << " bytes " << (s ? "to" : "from")
        << " rank " << x.peer;
+    if (x.op) os << " for " << describe(*x.op);
     if (x.stage == kHeader && x.done == 0) os << " (nothing " << (s ? "accepted" : "arrived") << " yet)";
     sep = "; ";
   }
@@ -372,15 +381,14 @@ void Runner::timeout() {
   throw TimeoutError(os.str());
 }
 
-void Runner::run() {
-  std::vector<int> queue_of(2 * size_, -1);
-  for (size_t i = 0; i < n_; ++i) {
+void Runner::add_transfers(size_t from) {
+  for (size_t i = from; i < n_; ++i) {
     Transfer& x = t_[i];
     x.stage = kHeader;
     x.done = 0;
     RINGCC_ASSERT(x.peer >= 0 && x.peer < size_ && x.peer != mesh_.rank());
     bool is_send = x.dir == Transfer::Dir::kSend;
-    int& qi = queue_of[2 * x.peer + (is_send ? 1 : 0)];
+    int& qi = queue_of_[2 * x.peer + (is_send ? 1 : 0)];
     if (qi < 0) {
       qi = static_cast<int>(queues_.size());
       queues_.push_back(Queue{x.peer, is_send, {}, 0});
@@ -390,11 +398,25 @@ void Runner::run() {
       FrameHeader h;
       h.sender = static_cast<uint32_t>(mesh_.rank());
       h.payload_bytes = x.bytes;
-      h.op = ctx_.op;
+      h.op = op_of(x);
       std::memset(x.header, 0, sizeof(x.header));
       std::memcpy(x.header, &h, sizeof(h));
     }
   }
+}
+
+// Transfers of operations queued since the last look join the exchange.
+bool Runner::pull_more() {
+  if (!feed_ || !feed_->pull(*grown_)) return false;
+  size_t before = n_;
+  t_ = grown_->data();  // the vector may have moved; only indices are kept across passes
+  n_ = grown_->size();
+  add_transfers(before);
+  return n_ > before;
+}
+
+void Runner::run() {
+  add_transfers(0);
   auto* own = mesh_.own_control();
   auto spin = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(ctx_.spin_seconds));
   Clock::time_point idle_since = Clock::now();
@@ -415,10 +437,13 @@ void Runner::run() {
         }
         if (x.stage != kDone) break;
         ++q.head;
+        if (feed_) feed_->completed(q.items[q.head - 1]);
       }
       all_done &= q.done();
     }
-    if (all_done) return;
+    // Idle or finished: operations queued meanwhile may join (point-to-point batches).
+    if ((all_done || !progress) && pull_more()) progress = true;
+    else if (all_done) return;
     Clock::time_point now = Clock::now();
     if (progress) {
       idle_since = now;
@@ -467,6 +492,10 @@ Transfer Transfer::recv_reduce(int peer, void* data, size_t bytes, bool incoming
 void OpContext::exchange(Transfer* transfers, size_t n) {
   if (n == 0) return;
   Runner(*this, transfers, n).run();
+}
+
+void OpContext::exchange(std::vector<Transfer>& transfers, TransferFeed& feed) {
+  Runner(*this, transfers.data(), transfers.size(), &transfers, &feed).run();
 }
 
 }  // namespace ringcc

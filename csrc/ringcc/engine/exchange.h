@@ -33,6 +33,9 @@ struct Transfer {
   int peer = -1;
   char* data = nullptr;
   size_t bytes = 0;
+  // The operation this frame belongs to; nullptr: the context's. Set by point-to-point
+  // batches, whose transfers belong to different operations.
+  const OpHeader* op = nullptr;
 
   // Progress state, owned by the exchanger.
   uint8_t stage = 0;
@@ -43,6 +46,19 @@ struct Transfer {
   static Transfer send(int peer, const void* data, size_t bytes);
   static Transfer recv(int peer, void* data, size_t bytes);
   static Transfer recv_reduce(int peer, void* data, size_t bytes, bool incoming_first);
+};
+
+// Point-to-point operations queued while a batch of them runs join that batch, so that
+// an isend/irecv pair posted by two ranks in either order progresses at once instead of
+// each rank's send waiting for the other's receive. The exchanger asks the feed for
+// more transfers whenever it is idle and reports each finished transfer by its index.
+class TransferFeed {
+ public:
+  virtual ~TransferFeed() = default;
+  // Appends the transfers of newly queued operations; returns whether it added any.
+  virtual bool pull(std::vector<Transfer>& transfers) = 0;
+  // transfers[index] is complete (its operation may be finished now).
+  virtual void completed(size_t index) = 0;
 };
 
 // Everything an operation's transfers share.
@@ -61,6 +77,9 @@ struct OpContext {
   int size() const { return mesh->size(); }
   void exchange(Transfer* transfers, size_t n);
   void exchange(std::vector<Transfer>& transfers) { exchange(transfers.data(), transfers.size()); }
+  // Runs `transfers` and whatever `feed` adds until all are done. The feed keeps
+  // `deadline` and `op` at the unfinished operation that expires first.
+  void exchange(std::vector<Transfer>& transfers, TransferFeed& feed);
 };
 
 // Thrown when a peer told us it aborted; carries the kind so every rank raises the same
