@@ -1,19 +1,11 @@
 // Ring reduce-scatter and allgather: each of the n-1 steps moves one chunk per rank to
 // its right neighbour, so every link carries (n-1)/n of the buffer per phase — the
 // bandwidth optimum. Chunks are cut into frames of segment_bytes so a receiver reduces
-// frame k while frame k+1 is still in flight.
+// frame k while frame k+1 is still in flight, and a frame is passed on as soon as it
+// has arrived, so the steps of a phase overlap.
 #include "ringcc/algorithms/algorithms.h"
 
 namespace ringcc::algorithms {
-namespace {
-
-template <typename Fn>
-void for_each_segment(size_t elems, size_t esize, size_t segment_bytes, Fn fn) {
-  Segments seg(elems, esize, segment_bytes);
-  for (size_t k = 0; k < seg.count; ++k) fn(seg.first(k), seg.length(k));
-}
-
-}  // namespace
 
 Partition Partition::even(size_t total, int n) {
   Partition p;
@@ -38,43 +30,58 @@ Partition Partition::from_counts(const std::vector<size_t>& counts) {
   return p;
 }
 
-void ring_reduce_scatter(OpContext& ctx, char* buf, const Partition& part, size_t esize, size_t segment_bytes) {
+namespace {
+
+// All n-1 steps of a ring phase as one exchange. In step s a rank sends chunk
+// send_chunk(s) to its right and receives chunk recv_chunk(s) from its left; the chunk
+// received in step s is the one sent in step s+1, so each of its segments is forwarded
+// as soon as it has arrived (Transfer::after) rather than when the whole step is done.
+// Keeping one exchange also keeps both links busy across step boundaries.
+template <typename SendChunk, typename RecvChunk>
+void ring_phase(OpContext& ctx, char* buf, const Partition& part, size_t esize, size_t segment_bytes,
+                bool reduce, SendChunk send_chunk, RecvChunk recv_chunk) {
   const int n = ctx.size(), r = ctx.rank();
   const int right = ring_index(r + 1, n), left = ring_index(r - 1, n);
   std::vector<Transfer> v;
+  std::vector<uint32_t> prev_recv;  // indices of the previous step's receives, by segment
+  std::vector<uint32_t> recv;
+  for (int s = 0; s < n - 1; ++s) {
+    const int sc = send_chunk(s), rc = recv_chunk(s);
+    Segments out(part.count[sc], esize, segment_bytes);
+    for (size_t k = 0; k < out.count; ++k) {
+      Transfer t = Transfer::send(right, buf + (part.offset[sc] + out.first(k)) * esize, out.length(k) * esize);
+      if (s > 0) t.after = prev_recv[k] + 1;  // same chunk, same segmentation
+      v.push_back(t);
+    }
+    Segments in(part.count[rc], esize, segment_bytes);
+    recv.clear();
+    for (size_t k = 0; k < in.count; ++k) {
+      char* dst = buf + (part.offset[rc] + in.first(k)) * esize;
+      recv.push_back(static_cast<uint32_t>(v.size()));
+      v.push_back(reduce ? Transfer::recv_reduce(left, dst, in.length(k) * esize, /*incoming_first=*/true)
+                         : Transfer::recv(left, dst, in.length(k) * esize));
+    }
+    prev_recv.swap(recv);
+  }
+  ctx.exchange(v);
+}
+
+}  // namespace
+
+void ring_reduce_scatter(OpContext& ctx, char* buf, const Partition& part, size_t esize, size_t segment_bytes) {
+  const int n = ctx.size(), r = ctx.rank();
   // Step s: forward the partial sum of chunk r-1-s (our own data at s = 0) and fold the
   // partial sum of chunk r-2-s from the left into ours. After n-1 steps chunk r holds
   // the contributions of every rank, accumulated in ring order starting at rank r+1.
-  for (int s = 0; s < n - 1; ++s) {
-    int sc = ring_index(r - 1 - s, n), rc = ring_index(r - 2 - s, n);
-    v.clear();
-    for_each_segment(part.count[sc], esize, segment_bytes, [&](size_t first, size_t len) {
-      v.push_back(Transfer::send(right, buf + (part.offset[sc] + first) * esize, len * esize));
-    });
-    for_each_segment(part.count[rc], esize, segment_bytes, [&](size_t first, size_t len) {
-      v.push_back(Transfer::recv_reduce(left, buf + (part.offset[rc] + first) * esize, len * esize,
-                                        /*incoming_first=*/true));
-    });
-    ctx.exchange(v);
-  }
+  ring_phase(ctx, buf, part, esize, segment_bytes, /*reduce=*/true,
+             [&](int s) { return ring_index(r - 1 - s, n); }, [&](int s) { return ring_index(r - 2 - s, n); });
 }
 
 void ring_allgather(OpContext& ctx, char* buf, const Partition& part, size_t esize, size_t segment_bytes) {
   const int n = ctx.size(), r = ctx.rank();
-  const int right = ring_index(r + 1, n), left = ring_index(r - 1, n);
-  std::vector<Transfer> v;
   // Step s: pass on the chunk that arrived in step s-1 (our own, chunk r, at s = 0).
-  for (int s = 0; s < n - 1; ++s) {
-    int sc = ring_index(r - s, n), rc = ring_index(r - s - 1, n);
-    v.clear();
-    for_each_segment(part.count[sc], esize, segment_bytes, [&](size_t first, size_t len) {
-      v.push_back(Transfer::send(right, buf + (part.offset[sc] + first) * esize, len * esize));
-    });
-    for_each_segment(part.count[rc], esize, segment_bytes, [&](size_t first, size_t len) {
-      v.push_back(Transfer::recv(left, buf + (part.offset[rc] + first) * esize, len * esize));
-    });
-    ctx.exchange(v);
-  }
+  ring_phase(ctx, buf, part, esize, segment_bytes, /*reduce=*/false,
+             [&](int s) { return ring_index(r - s, n); }, [&](int s) { return ring_index(r - s - 1, n); });
 }
 
 }  // namespace ringcc::algorithms

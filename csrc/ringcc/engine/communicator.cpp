@@ -233,13 +233,7 @@ std::shared_ptr<Work> Communicator::enqueue(OpDesc d, bool inline_if_idle) {
     // busy_ must be cleared however run_one() leaves, or close() would wait forever.
     struct Idle {
       Communicator* c;
-      ~Idle() {
-        {
-          std::lock_guard<std::mutex> g(c->mu_);
-          c->busy_ = false;
-        }
-        c->cv_.notify_all();
-      }
+      ~Idle() { c->set_idle(); }
     } idle{this};
     run_one(q);
     return work;
@@ -323,12 +317,20 @@ void Communicator::progress_loop() {
     } catch (...) {
       // run_one() reports through the Work; nothing may end this thread early.
     }
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      busy_ = false;
-    }
-    cv_.notify_all();
+    set_idle();
   }
+}
+
+void Communicator::set_idle() {
+  bool wake;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    busy_ = false;
+    // Waking the progress thread when it has nothing to do costs a context switch per
+    // blocking call: only wake it for queued work or shutdown, and wait_idle() callers.
+    wake = !queue_.empty() || stopping_ || idle_waiters_ > 0;
+  }
+  if (wake) cv_.notify_all();
 }
 
 void Communicator::run_one(Queued& q) {
@@ -523,7 +525,9 @@ void Communicator::abort(const std::string& reason) {
 
 void Communicator::wait_idle() {
   std::unique_lock<std::mutex> lock(mu_);
+  ++idle_waiters_;
   cv_.wait(lock, [&] { return !busy_; });
+  --idle_waiters_;
 }
 
 std::string Communicator::abort_reason() {

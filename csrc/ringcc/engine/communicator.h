@@ -83,6 +83,8 @@ class Communicator {
   void check_not_progress_thread(const char* what) const;
   // Waits until no operation executes; links may then be used from this thread.
   void wait_idle();
+  // Clears busy_ after an operation and wakes whoever needs to know.
+  void set_idle();
 
   struct Queued {
     OpDesc desc;
@@ -100,6 +102,7 @@ class Communicator {
   std::deque<Queued> queue_;
   bool stopping_ = false;
   bool busy_ = false;  // an operation is executing (on the progress or a caller thread)
+  int idle_waiters_ = 0;  // threads in wait_idle()
   bool connected_ = false;
   bool closed_ = false;
   uint64_t next_seq_ = 1;

@@ -67,12 +67,15 @@ class Runner {
   void add_transfers(size_t from);
   bool pull_more();
   const OpHeader& op_of(const Transfer& x) const { return x.op ? *x.op : ctx_.op; }
+  // A send whose data is still arriving (Transfer::after) cannot start yet.
+  bool ready(const Transfer& x) const { return x.after == 0 || t_[x.after - 1].stage == kDone; }
 
   // Transfers sharing a (peer, direction) use one byte stream, so only the first
   // unfinished one of each queue can move; a pass touches queue heads only.
   struct Queue {
     int peer;
     bool send;
+    bool shm;  // over shared memory: worth spinning for
     std::vector<uint32_t> items;
     size_t head = 0;
     bool done() const { return head == items.size(); }
@@ -324,6 +327,7 @@ void Runner::block(uint32_t bell) {
   std::vector<uint8_t> has_recv(size_, 0);
   for (const Queue& q : queues_) {
     if (q.done()) continue;
+    if (q.send && !ready(t_[q.items[q.head]])) continue;  // waits for a receive, polled below
     Link* link = mesh_.link(q.peer);
     if (!q.send) has_recv[q.peer] = 1;
     if (link->kind() == LinkKind::kShm) {
@@ -391,7 +395,7 @@ void Runner::add_transfers(size_t from) {
     int& qi = queue_of_[2 * x.peer + (is_send ? 1 : 0)];
     if (qi < 0) {
       qi = static_cast<int>(queues_.size());
-      queues_.push_back(Queue{x.peer, is_send, {}, 0});
+      queues_.push_back(Queue{x.peer, is_send, mesh_.link(x.peer)->kind() == LinkKind::kShm, {}, 0});
     }
     queues_[qi].items.push_back(static_cast<uint32_t>(i));
     if (x.dir == Transfer::Dir::kSend) {
@@ -422,11 +426,12 @@ void Runner::run() {
   Clock::time_point idle_since = Clock::now();
   for (;;) {
     uint32_t bell = own ? own->doorbell.load(std::memory_order_acquire) : 0;
-    bool progress = false, all_done = true;
+    bool progress = false, all_done = true, shm_pending = false;
     for (Queue& q : queues_) {
       while (!q.done()) {
         Transfer& x = t_[q.items[q.head]];
         if (q.send) {
+          if (!ready(x)) break;
           try {
             progress |= advance_send(x);
           } catch (const PeerError&) {
@@ -440,6 +445,7 @@ void Runner::run() {
         if (feed_) feed_->completed(q.items[q.head - 1]);
       }
       all_done &= q.done();
+      shm_pending |= q.shm && !q.done();
     }
     // Idle or finished: operations queued meanwhile may join (point-to-point batches).
     if ((all_done || !progress) && pull_more()) progress = true;
@@ -452,7 +458,10 @@ void Runner::run() {
     if (ctx_.interrupted && ctx_.interrupted->load(std::memory_order_relaxed))
       RINGCC_THROW(AbortedError, who(), ": the communicator was aborted during ", describe(ctx_.op));
     if (now >= ctx_.deadline.at) timeout();
-    if (now - idle_since < spin) {
+    // Spin only for a shared-memory peer, which answers within microseconds when it is
+    // running. A TCP peer's data takes a network round trip, and spinning for it would
+    // take the CPU from the kernel's network stack (or from co-located ranks).
+    if (shm_pending && now - idle_since < spin) {
       if (ctx_.yield_while_spinning) sched_yield();
       else RINGCC_CPU_RELAX();
       continue;

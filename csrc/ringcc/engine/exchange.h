@@ -1,13 +1,14 @@
 // The exchanger turns a list of transfers (one frame each) into progress on the links.
 //
-// Algorithms describe one step of a collective as a few sends and receives and call
+// Algorithms describe a collective (or a step of it) as sends and receives and call
 // exchange(); it returns when all of them are done. Transfers to the same peer in the
 // same direction run in list order (they share one byte stream); everything else runs
 // concurrently, so "send to the right while receiving from the left" never deadlocks.
 //
-// Waiting: spin for a few microseconds (cheap when the peer is about to answer), then
-// block in poll() (TCP) or on the shared-memory futex doorbell, so that ranks sharing
-// cores do not steal each other's cycles.
+// Waiting: while a shared-memory transfer is pending, spin for a few microseconds (cheap
+// when the peer is about to answer); then, and at once for TCP-only waits, block in
+// poll() or on the shared-memory futex doorbell, so that ranks sharing cores (and the
+// kernel's network stack) do not lose cycles to a busy wait.
 #pragma once
 
 #include <atomic>
@@ -36,6 +37,10 @@ struct Transfer {
   // The operation this frame belongs to; nullptr: the context's. Set by point-to-point
   // batches, whose transfers belong to different operations.
   const OpHeader* op = nullptr;
+  // 1 + the index (in the same exchange) of a receive that must be complete before this
+  // send starts; 0: none. Lets a pipelined algorithm forward each segment as soon as it
+  // has arrived instead of waiting for a whole step.
+  uint32_t after = 0;
 
   // Progress state, owned by the exchanger.
   uint8_t stage = 0;
