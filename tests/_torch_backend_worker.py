@@ -14,6 +14,7 @@ import json
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -153,6 +154,19 @@ def check_collectives(c: Checks) -> None:
             dist.reduce_scatter_tensor(want, i.clone(), group=GLOO)
             assert_same(o, want, "reduce_scatter_tensor_coalesced", rtol=1e-6, atol=1e-6)
     c.run("coalesced/allgather_reduce_scatter_tensor", tensor_collectives_coalesced)
+
+    def all_gather_coalesced():
+        ins = [values((4,), torch.float32, seed + 34), values((2, 3), torch.float32, seed + 35)]
+        got = [[torch.zeros_like(i) for i in ins] for _ in range(world)]  # [rank][input]
+        want = [[torch.zeros_like(i) for i in ins] for _ in range(world)]
+        with warnings.catch_warnings():  # deprecated in torch, still called by users
+            warnings.simplefilter("ignore")
+            dist.all_gather_coalesced(got, ins)
+            dist.all_gather_coalesced(want, ins, group=GLOO)
+        for g_list, w_list in zip(got, want):
+            for a, b in zip(g_list, w_list):
+                assert_same(a, b, "all_gather_coalesced")
+    c.run("coalesced/all_gather_coalesced", all_gather_coalesced)
 
     # broadcast from every root, several dtypes.
     for dtype in [torch.float32, torch.int64, torch.bfloat16]:
@@ -301,6 +315,27 @@ def check_collectives(c: Checks) -> None:
             dist.recv(t, 0, tag=3)
             dist.send(t + 1, 0, tag=4)
     c.run("send_recv", send_recv)
+
+    def send_recv_large_crossing():
+        # Every rank sends 16 MiB to both neighbours and receives from both, posting the
+        # sends first: they can only finish together with the peers' receives. Then the
+        # same through batch_isend_irecv.
+        nxt, prv = (rank + 1) % world, (rank - 1) % world
+        n = 4 << 20
+        mine = torch.full((n,), float(rank))
+        from_prv, from_nxt = torch.empty(n), torch.empty(n)
+        works = [dist.isend(mine, nxt, tag=1), dist.isend(mine, prv, tag=2),
+                 dist.irecv(from_prv, prv, tag=1), dist.irecv(from_nxt, nxt, tag=2)]
+        for w in works:
+            w.wait()
+        assert_same(from_prv, torch.full((n,), float(prv)), "large isend/irecv from the left")
+        assert_same(from_nxt, torch.full((n,), float(nxt)), "large isend/irecv from the right")
+        got = torch.empty(n)
+        ops = [dist.P2POp(dist.isend, mine + 1, nxt), dist.P2POp(dist.irecv, got, prv)]
+        for w in dist.batch_isend_irecv(ops):
+            w.wait()
+        assert_same(got, torch.full((n,), float(prv + 1)), "batch_isend_irecv")
+    c.run("send_recv/large_crossing", send_recv_large_crossing)
 
     def async_future():
         # Rank 0 issues an async all_reduce that cannot finish before the other ranks

@@ -39,12 +39,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(world: int, init_method: str, tmp: Path, timeout_init_method: str = "") -> dict:
-    """Run `world` ranks; return {rank: {check: "ok" | failure text}}."""
+def _launch(world: int, init_method: str, tmp: Path, timeout_init_method: str = "", worker: Path = WORKER) -> dict:
+    """Run `world` ranks of `worker`; return {rank: {check: "ok" | failure text}}."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = []
     for rank in range(world):
-        cmd = [sys.executable, str(WORKER), "--rank", str(rank), "--world", str(world),
+        cmd = [sys.executable, str(worker), "--rank", str(rank), "--world", str(world),
                "--init-method", init_method]
         if timeout_init_method:
             cmd += ["--timeout-init-method", timeout_init_method]

@@ -268,8 +268,11 @@ class Communicator:
             _ALGORITHMS[algorithm or "auto"],
             int(segment_bytes or 0),
         )
-        handle = Work(work, result, (src.obj if src else None, dst.obj if dst else None))
-        return handle if async_op else handle.wait()
+        if async_op:
+            return Work(work, result, (src.obj if src else None, dst.obj if dst else None))
+        # Blocking: the caller's references keep the buffers alive; no handle is needed.
+        work.wait(-1.0)
+        return result
 
     def _scale(self, buf: Buffer, counts: Optional[Sequence[int]], name: str) -> list:
         """Per-rank counts in user elements -> native elements (complex counts twice)."""

@@ -14,20 +14,31 @@ How torch (2.13) plugs in a backend written in Python:
   calls, e.g. DDP's Reducer, to the Python methods); torch then uses the object as the
   group itself.
 - ``dist.*`` functions call: allreduce, allreduce_coalesced, broadcast, allgather,
-  all_gather_single, reduce_scatter, reduce_scatter_single, reduce, gather, scatter,
-  all_to_all_single, alltoall, barrier(opts=...), send, recv, recv_anysource.
+  allgather_coalesced, all_gather_single, all_gather_single_coalesced, reduce_scatter,
+  reduce_scatter_single, reduce_scatter_single_coalesced, reduce, gather, scatter,
+  all_to_all_single, alltoall, barrier(opts=...), send, recv, recv_anysource. C++ callers
+  (DDP, FSDP) reach the coalesced ones and all_to_all_single through the trampoline,
+  which in 2.13 falls back to the older names allgather_into_tensor_coalesced,
+  reduce_scatter_tensor_coalesced and alltoall_base; both spellings are defined here.
+  The group's name and description (getGroupName/setGroupName, ...) live in the object,
+  since a Python group has no C++ backend to keep them.
 - Each returns a ``dist.Work`` subclass; torch calls ``wait(timeout)`` (``timedelta(0)``
   from C++ means "no limit"), ``is_completed()``, ``exception()`` and ``get_future()``
   (DDP chains its bucket handling on that future, whose value is the output tensors).
 
 Every operation is submitted to the ringcc Communicator of the group and returns at
-once when torch asks for an asynchronous op; the Work completes from ringcc's done
-callback (on the engine thread), after copying results out of any staging buffers.
+once when torch asks for an asynchronous op; the Work completes when ringcc's done
+callback (on the engine thread) hands it to a settler thread, which copies results out
+of any staging buffers and settles the torch future. Future callbacks never run on the
+engine thread: torch's own callbacks may wait there for later collectives of the same
+group (PowerSGD's hook does), which only the engine thread can run.
 """
 
 from __future__ import annotations
 
 import datetime
+import os
+import queue
 import threading
 from typing import Any, Callable, List, Optional, Sequence
 
@@ -153,13 +164,67 @@ def _flat_cat(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tens
         return torch.cat([t.detach().reshape(-1) for t in tensors])
 
 
+# --------------------------------------------------------------------------- settler
+class _Settler:
+    """Threads that settle the torch futures of asynchronous operations.
+
+    Settling a torch Future runs its ``then`` callbacks on the settling thread, and
+    torch's callbacks may block there on a later collective of the same group: PowerSGD's
+    hook issues an all_reduce inside a callback and waits for its future. On the engine
+    thread that deadlocks (only it can run the awaited operation); with a single helper
+    thread too (it would have to settle the future its own callback waits for). So each
+    queued settlement gets a thread that is not busy: an idle one, else a new one.
+    Threads idle for ``IDLE_EXIT_S`` end."""
+
+    IDLE_EXIT_S = 10.0
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:  # also in a forked child, which has none of the threads
+        self._lock = threading.Lock()
+        self._queue: "queue.SimpleQueue[Callable[[], None]]" = queue.SimpleQueue()
+        self._idle = 0  # threads waiting for work that no queued item is meant for
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            self._queue.put(fn)
+            if self._idle:
+                self._idle -= 1  # that thread takes it
+                return
+        threading.Thread(target=self._run, name="ringcc-settle", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                fn = self._queue.get(timeout=self.IDLE_EXIT_S)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle:  # no queued item counts on this thread
+                        self._idle -= 1
+                        return
+                continue  # an item was queued for it just now
+            try:
+                fn()
+            except BaseException:  # noqa: BLE001 - RingccWork._complete hands errors to waiters
+                pass
+            with self._lock:
+                self._idle += 1
+
+
+_SETTLER = _Settler()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_SETTLER._reset)
+
+
 # ------------------------------------------------------------------------------ Work
 class RingccWork(dist.Work):
     """torch Work over one ringcc operation.
 
     ``wait()`` blocks with the GIL released (in ringcc's Work.wait); the torch Future
-    from ``get_future()`` is completed from ringcc's done callback with the list of
-    output tensors, or failed with the operation's exception."""
+    from ``get_future()`` is completed with the list of output tensors, or failed with
+    the operation's exception, by the first of: ``wait()``/``is_completed()`` on a
+    finished operation, or a settler thread that ringcc's done callback wakes."""
 
     def __init__(self, outputs: List[torch.Tensor], native: Any = None, finish: Finish = None,
                  description: str = ""):
@@ -170,33 +235,46 @@ class RingccWork(dist.Work):
         self._description = description
         self._lock = threading.Lock()
         self._finished = False
+        self._settled = False  # some thread has taken on settling the future
         self._error: Optional[BaseException] = None
         self._future: torch.futures.Future = torch.futures.Future()
         if native is None:
             self._complete(None)
+        elif native.is_completed():
+            self._complete(native.exception())
         else:
-            # Runs at once if the operation is already done.
-            native.add_done_callback(lambda w: self._complete(w.exception()))
+            # Never settle on the engine thread (see _Settler).
+            native.add_done_callback(lambda w: _SETTLER.submit(lambda: self._complete(w.exception())))
 
-    def _complete(self, error: Optional[BaseException]) -> None:
-        """Post-process (copy out of staging buffers) once; then settle the future.
-        Called from the engine thread's done callback and from wait()/is_completed()."""
+    def _complete(self, error: Optional[BaseException], wait_settled: bool = False) -> None:
+        """Post-process (copy out of staging buffers) once; then settle the future once.
+        Called by a settler thread and from wait()/is_completed(). With ``wait_settled``
+        also returns only once the future is marked done when another thread settles it."""
         with self._lock:
-            if self._finished:
-                return
-            if error is None and self._finish_fn is not None:
-                try:
-                    self._finish_fn()
-                except BaseException as exc:  # noqa: BLE001 - handed to waiters
-                    error = exc
-            self._error = error
-            self._finish_fn = None
-            self._finished = True
+            if not self._finished:
+                if error is None and self._finish_fn is not None:
+                    try:
+                        self._finish_fn()
+                    except BaseException as exc:  # noqa: BLE001 - handed to waiters
+                        error = exc
+                self._error = error
+                self._finish_fn = None
+                self._finished = True
+            settle, self._settled = not self._settled, True
+            error = self._error
         # Outside the lock: the future's callbacks may call back into this Work.
-        if error is None:
-            self._future.set_result(self._outputs)
-        else:
-            self._future.set_exception(error)
+        if settle:
+            if error is None:
+                self._future.set_result(self._outputs)
+            else:
+                self._future.set_exception(error)
+        elif wait_settled:
+            # The other thread is about to set it; a Future is marked done before its
+            # callbacks run, so this returns without waiting for them.
+            try:
+                self._future.wait()
+            except BaseException:  # noqa: BLE001 - the error is self._error, raised by wait()
+                pass
 
     def _poll_native(self) -> None:
         native = self._native
@@ -206,14 +284,15 @@ class RingccWork(dist.Work):
     # torch.distributed.Work API ------------------------------------------------------
     def wait(self, timeout: Any = None) -> bool:
         native = self._native
-        if not self._finished and native is not None:
-            seconds = _wait_seconds(timeout)
-            try:
-                native.wait(seconds)
-            except BaseException:
-                if not native.is_completed():
-                    raise  # our wait timed out (or was interrupted); the op keeps running
-            self._complete(native.exception())
+        if native is not None:
+            if not self._finished:
+                seconds = _wait_seconds(timeout)
+                try:
+                    native.wait(seconds)
+                except BaseException:
+                    if not native.is_completed():
+                        raise  # our wait timed out (or was interrupted); the op keeps running
+            self._complete(native.exception(), wait_settled=True)
         if self._error is not None:
             raise self._error
         return True
@@ -245,6 +324,45 @@ class RingccWork(dist.Work):
         return f"<ringcc.torch_backend.RingccWork {self._description} {state}>"
 
 
+class _CompletedWork(dist.Work):
+    """The Work of a blocking call, returned after it succeeded (a failure raised).
+
+    Deliberately small: a blocking collective is latency-bound, and every object made per
+    call costs allocation and garbage-collector time; the future is made on request."""
+
+    def __init__(self, outputs: List[torch.Tensor]):
+        super().__init__()
+        self._outputs = outputs
+        self._future: Optional[torch.futures.Future] = None
+
+    def wait(self, timeout: Any = None) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+    def is_success(self) -> bool:
+        return True
+
+    def exception(self) -> Optional[BaseException]:
+        return None
+
+    def result(self) -> List[torch.Tensor]:
+        return self._outputs
+
+    def get_future(self) -> torch.futures.Future:
+        if self._future is None:
+            self._future = torch.futures.Future()
+            self._future.set_result(self._outputs)
+        return self._future
+
+    def synchronize(self) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return "<ringcc.torch_backend completed work>"
+
+
 # ---------------------------------------------------------------------- ProcessGroup
 class RingccProcessGroup(dist.ProcessGroup):
     """A torch.distributed process group whose collectives run on a ringcc Communicator."""
@@ -255,6 +373,10 @@ class RingccProcessGroup(dist.ProcessGroup):
         self._rank = rank
         self._world_size = world_size
         self._comm = Communicator(store, rank, world_size, name="pg", timeout=timeout, **communicator_options)
+        # torch keeps a group's name and description in its C++ backend objects, which a
+        # Python group has none of; it sets and reads them through these methods.
+        self._group_name = ""
+        self._group_desc = ""
 
     @property
     def communicator(self) -> Communicator:
@@ -262,6 +384,18 @@ class RingccProcessGroup(dist.ProcessGroup):
 
     def getBackendName(self) -> str:  # noqa: N802 - torch's name
         return BACKEND_NAME
+
+    def getGroupName(self) -> str:  # noqa: N802
+        return self._group_name
+
+    def setGroupName(self, name: str) -> None:  # noqa: N802
+        self._group_name = name
+
+    def getGroupDesc(self) -> str:  # noqa: N802
+        return self._group_desc
+
+    def setGroupDesc(self, desc: str) -> None:  # noqa: N802
+        self._group_desc = desc
 
     def __repr__(self) -> str:
         return f"<RingccProcessGroup rank={self._rank}/{self._world_size}>"
@@ -276,7 +410,11 @@ class RingccProcessGroup(dist.ProcessGroup):
         if async_op is None:
             async_op = bool(getattr(opts, "asyncOp", True))
         result = call(async_op=async_op, timeout=_op_timeout(opts))
-        return RingccWork(outputs, result if async_op else None, finish, name)
+        if async_op:
+            return RingccWork(outputs, result, finish, name)
+        if finish is not None:
+            finish()
+        return _CompletedWork(outputs)
 
     def _check_pairs(self, outputs, inputs, what: str, *, gathered: str):
         """Validated (outputs, inputs) of a coalesced call. In each pair the `gathered`
@@ -313,7 +451,7 @@ class RingccProcessGroup(dist.ProcessGroup):
         opts = _options(_c10d.AllreduceOptions, opts)
         tensors = [_check_tensor(t, "allreduce_coalesced") for t in tensors]
         if not tensors:
-            return RingccWork([], None, None, "allreduce_coalesced")
+            return _CompletedWork([])
         _same_dtype(tensors[0], tensors, "allreduce_coalesced")
         op = _reduce_op(opts.reduceOp)
         flat = _flat_cat(tensors, tensors[0].dtype)
@@ -378,7 +516,7 @@ class RingccProcessGroup(dist.ProcessGroup):
         opts = _options(_c10d.AllgatherOptions, opts)
         outs, ins = self._check_pairs(outputs, inputs, "allgather_into_tensor_coalesced", gathered="output")
         if not ins:
-            return RingccWork([], None, None, "allgather_into_tensor_coalesced")
+            return _CompletedWork([])
         n = self._world_size
         flat = _flat_cat(ins, ins[0].dtype)
         tmp = torch.empty((n, flat.numel()), dtype=flat.dtype)
@@ -391,6 +529,37 @@ class RingccProcessGroup(dist.ProcessGroup):
                 offset += k
 
         return self._launch("allgather_into_tensor_coalesced", opts, outs,
+                            lambda **kw: self._comm.allgather(flat, out=tmp, **kw), finish)
+
+    all_gather_single_coalesced = allgather_into_tensor_coalesced  # the name torch 2.13 tries first
+
+    def allgather_coalesced(self, output_lists, input_tensors, opts=None):
+        """dist.all_gather_coalesced: ``output_lists[r][i]`` receives rank r's input i; one
+        ringcc allgather of the inputs laid end to end."""
+        opts = _options(_c10d.AllgatherOptions, opts)
+        ins = [_check_tensor(t, "allgather_coalesced input") for t in input_tensors]
+        if len(output_lists) != self._world_size:
+            raise ValueError(f"ringcc allgather_coalesced: need {self._world_size} output lists (one per rank), "
+                             f"got {len(output_lists)}")
+        outs = [[_check_tensor(t, "allgather_coalesced output") for t in lst] for lst in output_lists]
+        if any(len(lst) != len(ins) for lst in outs):
+            raise ValueError(f"ringcc allgather_coalesced: every rank's output list needs {len(ins)} tensors "
+                             "(one per input)")
+        if not ins:
+            return _CompletedWork([])
+        flat_outs = [o for lst in outs for o in lst]
+        _same_dtype(ins[0], ins + flat_outs, "allgather_coalesced")
+        if any(o.numel() != i.numel() for lst in outs for o, i in zip(lst, ins)):
+            raise ValueError("ringcc allgather_coalesced: every output tensor must have as many elements as "
+                             "its input")
+        flat = _flat_cat(ins, ins[0].dtype)
+        tmp = torch.empty((self._world_size, flat.numel()), dtype=flat.dtype)
+
+        def finish() -> None:
+            for r, lst in enumerate(outs):
+                _split_into(tmp[r], lst)()
+
+        return self._launch("allgather_coalesced", opts, flat_outs,
                             lambda **kw: self._comm.allgather(flat, out=tmp, **kw), finish)
 
     def reduce_scatter(self, output_tensors, input_tensors, opts=None):
@@ -434,7 +603,7 @@ class RingccProcessGroup(dist.ProcessGroup):
         opts = _options(_c10d.ReduceScatterOptions, opts)
         outs, ins = self._check_pairs(outputs, inputs, "reduce_scatter_tensor_coalesced", gathered="input")
         if not ins:
-            return RingccWork([], None, None, "reduce_scatter_tensor_coalesced")
+            return _CompletedWork([])
         n = self._world_size
         op = _reduce_op(opts.reduceOp)
         total = sum(o.numel() for o in outs)
@@ -448,6 +617,8 @@ class RingccProcessGroup(dist.ProcessGroup):
         return self._launch("reduce_scatter_tensor_coalesced", opts, outs,
                             lambda **kw: self._comm.reduce_scatter(packed, op, out=tmp, counts=counts, **kw),
                             _split_into(tmp, outs))
+
+    reduce_scatter_single_coalesced = reduce_scatter_tensor_coalesced  # the name torch 2.13 tries first
 
     def gather(self, output_tensors, input_tensors, opts=None):
         opts = _options(_c10d.GatherOptions, opts)
