@@ -1,4 +1,4 @@
-"""The `ringcc` command line: `ringcc info`."""
+"""The `ringcc` command line: `ringcc info`, `ringcc bench`."""
 
 from __future__ import annotations
 
@@ -32,10 +32,16 @@ def _info(_args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # its own parser: `ringcc bench --help`
+        from . import bench
+
+        return bench.main(argv[1:])
     parser = argparse.ArgumentParser(prog="ringcc", description="ringcc collective communication")
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="print version and build options")
     p_info.set_defaults(func=_info)
+    sub.add_parser("bench", help="benchmark collectives of torch.distributed backends (ringcc bench --help)")
     args = parser.parse_args(argv)
     return args.func(args)
 

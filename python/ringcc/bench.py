@@ -1,0 +1,611 @@
+"""`ringcc bench`: nccl-tests-style collective benchmark of torch.distributed backends.
+
+Every backend named in ``--backends`` is measured in the same run, on the same ranks and
+buffers, through ``torch.distributed`` (the way users call it), interleaved in A-B-B-A
+rounds so that machine drift hits all alike.
+
+    ringcc bench                                    # 2 local ranks, allreduce 4K..64M, ringcc vs gloo
+    ringcc bench --nproc 4 --collectives all --sizes 4K:256M --json out.json --plot out.png
+    torchrun --nproc-per-node 2 -m ringcc bench    # ranks started by torchrun (also multi-node)
+
+Columns follow nccl-tests: ``size`` is the bytes of the largest buffer of the call (the
+gathered output of allgather, the input of reduce_scatter), ``count`` its elements;
+``time`` is the mean time per call, the maximum over ranks; ``algbw = size / time``;
+``busbw = algbw * factor`` with factor 2(n-1)/n for allreduce, (n-1)/n for allgather,
+reduce_scatter and alltoall, 1 for broadcast; ``#wrong`` counts the result elements that
+differ from the exact answer, summed over ranks, from a separate verified call after the
+timed ones. ``ratio`` is the baseline backend's time divided by this backend's.
+
+Placements: *in-place* aliases input and output as torch allows (all_reduce and broadcast
+are always in place; the input of all_gather_into_tensor is this rank's slice of the
+output, the output of reduce_scatter_tensor this rank's slice of the input).
+*Out-of-place* uses separate buffers; torch has no out-of-place all_reduce or broadcast, so
+there it is ``out.copy_(inp)`` followed by the in-place call, for every backend alike.
+torch defines no in-place all_to_all_single, so that cell is left empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+CHILD_ENV = "RINGCC_BENCH_CHILD"
+ROUNDS = 4  # timed blocks per backend, cell and size: A B B A A B B A ...
+VERIFY_CHUNK = 1 << 20  # elements compared at a time (bounds the memory of the check)
+
+
+# ------------------------------------------------------------------------------ arguments
+def parse_size(text: str) -> int:
+    t = text.strip().upper().removesuffix("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    try:
+        value = int(float(t[:-1]) * scale[t[-1]]) if t and t[-1] in scale else int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (examples: 4096, 4K, 64M, 1G)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be positive")
+    return value
+
+
+def parse_sizes(text: str) -> List[int]:
+    """``4K:256M`` (doubling, both ends included) or ``4K,1M,64M``."""
+    if ":" in text:
+        lo, hi = (parse_size(x) for x in text.split(":", 1))
+        if lo > hi:
+            raise argparse.ArgumentTypeError(f"size range {text!r} runs backwards")
+        out = [lo]
+        while out[-1] * 2 <= hi:
+            out.append(out[-1] * 2)
+        return out
+    return [parse_size(x) for x in text.split(",") if x.strip()]
+
+
+def fmt_size(nbytes: int) -> str:
+    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if nbytes >= scale and nbytes % scale == 0:
+            return f"{nbytes // scale}{unit}"
+    return str(nbytes)
+
+
+@dataclass(frozen=True)
+class Collective:
+    name: str
+    busbw_factor: Callable[[int], float]
+    reduces: bool
+    in_place: bool = True  # torch defines an in-place form
+
+
+COLLECTIVES: Dict[str, Collective] = {c.name: c for c in (
+    Collective("allreduce", lambda n: 2 * (n - 1) / n, True),
+    Collective("allgather", lambda n: (n - 1) / n, False),
+    Collective("reduce_scatter", lambda n: (n - 1) / n, True),
+    Collective("broadcast", lambda n: 1.0, False),
+    Collective("alltoall", lambda n: (n - 1) / n, False, in_place=False),
+)}
+OPS = ("sum", "prod", "min", "max", "avg", "band", "bor", "bxor")
+DTYPES = ("float32", "float64", "float16", "bfloat16", "int8", "uint8", "int32", "int64")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ringcc bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Measure collectives of torch.distributed backends side by side (nccl-tests columns).",
+        epilog=__doc__.split("\n\n", 1)[1].split("Placements:")[0])
+    p.add_argument("--nproc", type=int, default=None,
+                   help="local ranks to spawn (default 2; ignored under torchrun, which starts the ranks)")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated torch.distributed backends; the last one is the baseline of the ratio "
+                        "column (default ringcc,gloo on cpu, ringcc,nccl on cuda)")
+    p.add_argument("--collectives", "-c", default="allreduce",
+                   help=f"comma-separated from {', '.join(COLLECTIVES)}, or 'all' (default allreduce)")
+    p.add_argument("--sizes", "-s", type=parse_sizes, default=parse_sizes("4K:64M"),
+                   help="bytes per call: a doubling range LO:HI or a list (default 4K:64M; K/M/G suffixes)")
+    p.add_argument("--dtype", "-d", default="float32", choices=DTYPES)
+    p.add_argument("--op", "-o", default="sum", choices=OPS, help="reduction of allreduce / reduce_scatter")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--iters", "-n", type=int, default=None,
+                   help="timed calls per backend, size and placement (default: enough for about --target-seconds "
+                        "on the slowest backend, 5..1000)")
+    p.add_argument("--warmup", "-w", type=int, default=3, help="untimed calls first (default 3)")
+    p.add_argument("--target-seconds", type=float, default=0.3,
+                   help="timed seconds per backend, size and placement when --iters is not given (default 0.3)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds before a collective fails (default 300)")
+    p.add_argument("--json", metavar="PATH", help="write one JSON object per result row here")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG of busbw against size per backend (needs matplotlib)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return p
+
+
+def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    names = list(COLLECTIVES) if a.collectives.strip() == "all" else \
+        [c.strip() for c in a.collectives.split(",") if c.strip()]
+    bad = [c for c in names if c not in COLLECTIVES]
+    if bad or not names:
+        p.error(f"unknown collective(s) {', '.join(bad) or '(none)'}; choose from {', '.join(COLLECTIVES)} or all")
+    a.collectives = names
+    if a.backends is None:
+        a.backends = "ringcc,gloo" if a.device == "cpu" else "ringcc,nccl"
+    a.backends = [b.strip() for b in a.backends.split(",") if b.strip()]
+    if not a.backends or len(set(a.backends)) != len(a.backends):
+        p.error(f"--backends must name distinct backends, got {a.backends}")
+    if a.nproc is not None and a.nproc < 1:
+        p.error("--nproc must be >= 1")
+    if a.iters is not None and a.iters < 1:
+        p.error("--iters must be >= 1")
+    if a.warmup < 0:
+        p.error("--warmup must be >= 0")
+    integer = a.dtype.startswith(("int", "uint"))
+    if any(COLLECTIVES[c].reduces for c in names):
+        if a.op == "avg" and integer:
+            p.error("--op avg needs a floating --dtype")
+        if a.op in ("band", "bor", "bxor") and not integer:
+            p.error(f"--op {a.op} needs an integer --dtype")
+
+
+# ---------------------------------------------------------------------- data and checks
+def _pattern(rank: int, start: int, stop: int, op: str, unsigned: bool):
+    """float64 values of rank `rank`'s input at global element indices [start, stop):
+    small integers, so every reduction is exact in every dtype (avg up to rounding)."""
+    import torch
+
+    i = torch.arange(start, stop, dtype=torch.int64)
+    if op == "prod":  # -1, 1, 2: products are exact powers of two
+        return torch.tensor([-1.0, 1.0, 2.0], dtype=torch.float64)[(i + rank) % 3]
+    if op in ("band", "bor", "bxor"):
+        return ((i * 37 + rank * 11) % 128).to(torch.float64)
+    base = (i * 13 + rank * 7) % 9
+    return base.to(torch.float64) if unsigned else (base - 4).to(torch.float64)
+
+
+def _reduce(op: str, parts: Sequence):
+    import torch
+
+    out = parts[0].clone()
+    for p in parts[1:]:
+        if op in ("sum", "avg"):
+            out += p
+        elif op == "prod":
+            out *= p
+        elif op == "min":
+            out = torch.minimum(out, p)
+        elif op == "max":
+            out = torch.maximum(out, p)
+        else:
+            a, b = out.to(torch.int64), p.to(torch.int64)
+            out = {"band": a & b, "bor": a | b, "bxor": a ^ b}[op].to(torch.float64)
+    if op == "avg":
+        out /= len(parts)
+    return out
+
+
+class Data:
+    """Inputs and exact expected outputs of one collective on one rank."""
+
+    def __init__(self, coll: str, count: int, world: int, rank: int, dtype, op: str, device):
+        self.coll, self.count, self.world, self.rank = coll, count, world, rank
+        self.dtype, self.op, self.device = dtype, op, device
+        self.unsigned = dtype.is_signed is False and not dtype.is_floating_point
+        self.op_for_pattern = op if COLLECTIVES[coll].reduces else "sum"
+        self.block = count // world  # elements per rank for allgather / reduce_scatter / alltoall
+
+    def v(self, rank: int, start: int, stop: int):
+        return _pattern(rank, start, stop, self.op_for_pattern, self.unsigned)
+
+    @property
+    def in_count(self) -> int:
+        return self.block if self.coll == "allgather" else self.count
+
+    @property
+    def out_count(self) -> int:
+        return self.block if self.coll == "reduce_scatter" else self.count
+
+    def fill_input(self, t) -> None:
+        """This rank's input into `t` (``in_count`` elements), chunk by chunk."""
+        flat = t.view(-1)
+        for s in range(0, flat.numel(), VERIFY_CHUNK):
+            e = min(flat.numel(), s + VERIFY_CHUNK)
+            flat[s:e].copy_(self.v(self.rank, s, e).to(self.dtype))
+
+    def expected(self, start: int, stop: int):
+        """float64 expected output elements [start, stop) on this rank."""
+        import torch
+
+        n, r, c = self.world, self.rank, self.block
+        if self.coll == "allreduce":
+            return _reduce(self.op, [self.v(q, start, stop) for q in range(n)])
+        if self.coll == "broadcast":
+            return self.v(0, start, stop)
+        if self.coll == "reduce_scatter":
+            return _reduce(self.op, [self.v(q, r * c + start, r * c + stop) for q in range(n)])
+        # allgather / alltoall: output block b comes from rank b.
+        pieces = []
+        i = start
+        while i < stop:
+            b, j = divmod(i, c)
+            e = min(stop, (b + 1) * c)
+            off = j if self.coll == "allgather" else r * c + j
+            pieces.append(self.v(b, off, off + (e - i)))
+            i = e
+        return torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.float64)
+
+    def count_wrong(self, out) -> int:
+        import torch
+
+        flat = out.view(-1).to("cpu")
+        wrong = 0
+        for s in range(0, flat.numel(), VERIFY_CHUNK):
+            e = min(flat.numel(), s + VERIFY_CHUNK)
+            want = self.expected(s, e).to(self.dtype).to(torch.float64)
+            got = flat[s:e].to(torch.float64)
+            if self.op == "avg" and COLLECTIVES[self.coll].reduces:
+                tol = torch.finfo(self.dtype).eps * (want.abs() + 1)
+                wrong += int(((got - want).abs() > tol).sum())
+            else:
+                wrong += int((got != want).sum())
+        return wrong
+
+
+# ------------------------------------------------------------------------------- runner
+def _reduce_op(op: str):
+    import torch.distributed as dist
+
+    R = dist.ReduceOp
+    return {"sum": R.SUM, "prod": R.PRODUCT, "min": R.MIN, "max": R.MAX, "avg": R.AVG,
+            "band": R.BAND, "bor": R.BOR, "bxor": R.BXOR}[op]
+
+
+class Cell:
+    """Buffers and the call of one (collective, backend, placement) at one size."""
+
+    def __init__(self, data: Data, group, in_place: bool):
+        import torch
+        import torch.distributed as dist
+
+        d, n, r = data, data.world, data.rank
+        self.data = d
+        kw = dict(dtype=d.dtype, device=d.device)
+        op = _reduce_op(d.op)
+        coll = d.coll
+        if coll == "allgather":
+            self.out = torch.empty(d.count, **kw)
+            self.inp = self.out.view(n, -1)[r] if in_place else torch.empty(d.block, **kw)
+            self.call = lambda: dist.all_gather_into_tensor(self.out, self.inp, group=group)
+        elif coll == "reduce_scatter":
+            self.inp = torch.empty(d.count, **kw)
+            self.out = self.inp.view(n, -1)[r] if in_place else torch.empty(d.block, **kw)
+            self.call = lambda: dist.reduce_scatter_tensor(self.out, self.inp, op=op, group=group)
+        elif coll == "alltoall":
+            self.inp, self.out = torch.empty(d.count, **kw), torch.empty(d.count, **kw)
+            self.call = lambda: dist.all_to_all_single(self.out, self.inp, group=group)
+        else:
+            # all_reduce / broadcast exist in place only; out-of-place copies first.
+            self.out = torch.empty(d.count, **kw)
+            self.inp = self.out if in_place else torch.empty(d.count, **kw)
+            if coll == "allreduce":
+                run = lambda: dist.all_reduce(self.out, op=op, group=group)  # noqa: E731
+            else:
+                root = dist.get_global_rank(group, 0) if group is not None else 0
+                run = lambda: dist.broadcast(self.out, src=root, group=group)  # noqa: E731
+            if in_place:
+                self.call = run
+            else:
+                def call():
+                    self.out.copy_(self.inp)
+                    run()
+                self.call = call
+        self.refill()
+
+    def refill(self) -> None:
+        self.data.fill_input(self.inp)
+
+    def verify(self) -> int:
+        self.refill()
+        self.call()
+        return self.data.count_wrong(self.out)
+
+
+class Progress:
+    """A one-line progress bar on stderr (rank 0, terminals only)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.done, self.enabled = total, 0, enabled and sys.stderr.isatty()
+        self.t0 = time.monotonic()
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        width = 30
+        filled = int(width * self.done / max(1, self.total))
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                         f"{what:<32} {time.monotonic() - self.t0:6.1f}s")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r" + " " * 90 + "\r")
+            sys.stderr.flush()
+
+
+def run_rank(a: argparse.Namespace) -> int:
+    """One rank (spawned by `ringcc bench` or by torchrun)."""
+    import torch
+    import torch.distributed as dist
+
+    import ringcc  # noqa: F401 - registers the "ringcc" backend
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    timeout = datetime.timedelta(seconds=a.timeout)
+    if a.device == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        sync = torch.cuda.synchronize
+    else:
+        device = torch.device("cpu")
+        sync = lambda: None  # noqa: E731
+    # The default group (gloo, CPU) only coordinates: barriers and the result reduction.
+    dist.init_process_group("gloo", timeout=timeout)
+    groups = {b: dist.new_group(backend=b, timeout=timeout) for b in a.backends}
+    dtype = getattr(torch, a.dtype)
+    n = world
+
+    def agree(values: List[float], op) -> List[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, op=op)
+        return t.tolist()
+
+    cells = [(c, s, p) for c in a.collectives for s in a.sizes
+             for p in ("out-of-place", "in-place") if p == "out-of-place" or COLLECTIVES[c].in_place]
+    progress = Progress(len(cells), rank == 0 and not a.no_progress)
+    rows = []
+    for coll, size, placement in cells:
+        el = torch.empty(0, dtype=dtype).element_size()
+        unit = el * (n if coll in ("allgather", "reduce_scatter", "alltoall") else 1)
+        nbytes = size - size % unit
+        count = nbytes // el
+        progress.step(f"{coll} {fmt_size(size)} {placement}")
+        data = Data(coll, count, n, rank, dtype, a.op, device)
+        run = {b: Cell(data, groups[b], placement == "in-place") for b in a.backends}
+        errors = {}
+        # Warm up, and time the warm-up to size the timed blocks.
+        warm = []
+        for b in a.backends:
+            try:
+                for _ in range(max(1, a.warmup)):
+                    run[b].call()
+                sync()
+                dist.barrier()
+                t0 = time.perf_counter()
+                run[b].call()
+                sync()
+                warm.append(time.perf_counter() - t0)
+            except Exception as exc:  # noqa: BLE001 - reported in the table
+                errors[b] = f"{type(exc).__name__}: {exc}"
+                warm.append(0.0)
+        slowest = max(agree(warm, dist.ReduceOp.MAX))
+        iters = a.iters or max(5, min(1000, math.ceil(a.target_seconds / max(slowest, 1e-6))))
+        rounds = min(ROUNDS, iters)
+        split = [iters // rounds + (1 if i < iters % rounds else 0) for i in range(rounds)]
+        elapsed = {b: 0.0 for b in a.backends}
+        for i, k in enumerate(split):
+            for b in (a.backends if i % 2 == 0 else a.backends[::-1]):
+                if b in errors:
+                    continue
+                dist.barrier()
+                t0 = time.perf_counter()
+                for _ in range(k):
+                    run[b].call()
+                sync()
+                elapsed[b] += time.perf_counter() - t0
+        wrong = {}
+        for b in a.backends:
+            if b not in errors:
+                try:
+                    wrong[b] = run[b].verify()
+                except Exception as exc:  # noqa: BLE001
+                    errors[b] = f"{type(exc).__name__}: {exc}"
+        times = agree([elapsed[b] / iters for b in a.backends], dist.ReduceOp.MAX)
+        wrongs = agree([wrong.get(b, 0) for b in a.backends], dist.ReduceOp.SUM)
+        failed = agree([1.0 if b in errors else 0.0 for b in a.backends], dist.ReduceOp.MAX)
+        factor = COLLECTIVES[coll].busbw_factor(n)
+        for b, t, w, f in zip(a.backends, times, wrongs, failed):
+            row = {"backend": b, "collective": coll, "placement": placement, "dtype": a.dtype,
+                   "op": a.op if COLLECTIVES[coll].reduces else "none", "size_bytes": nbytes, "count": count,
+                   "nranks": n, "device": a.device, "iters": iters}
+            if f:
+                row.update(time_us=None, algbw_GBps=None, busbw_GBps=None, wrong=None,
+                           error=errors.get(b, "failed on another rank"))
+            else:
+                algbw = nbytes / t / 1e9 if t > 0 else float("inf")
+                row.update(time_us=t * 1e6, algbw_GBps=algbw, busbw_GBps=algbw * factor, wrong=int(w))
+            rows.append(row)
+        del run
+    progress.close()
+    dist.barrier()
+    dist.destroy_process_group()  # and every group made above
+    if rank == 0:
+        add_ratios(rows, a.backends[-1])
+        print(preamble(n), flush=True)
+        print(report(rows, a, n), flush=True)
+        if a.json:
+            write_json(a.json, rows)
+        if a.plot:
+            plot(a.plot, rows)
+    bad = sum(1 for r in rows if r["wrong"] or r.get("error"))
+    return 1 if bad else 0
+
+
+# ------------------------------------------------------------------------------ output
+def add_ratios(rows: List[dict], baseline: str) -> None:
+    """``ratio`` = baseline time / this time, per (collective, placement, size)."""
+    base = {(r["collective"], r["placement"], r["size_bytes"]): r["time_us"] for r in rows if r["backend"] == baseline}
+    for r in rows:
+        b = base.get((r["collective"], r["placement"], r["size_bytes"]))
+        r["ratio"] = b / r["time_us"] if b and r["time_us"] else None
+
+
+def preamble(n: int) -> str:
+    import platform
+
+    import torch
+
+    import ringcc
+
+    cpu = platform.processor() or "unknown cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    launcher = "spawned by ringcc bench" if os.environ.get(CHILD_ENV) else "started by a launcher"
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"# ringcc bench: ringcc {ringcc.__version__}, torch {torch.__version__}, {when}\n"
+            f"# {n} ranks ({launcher}) on {platform.node()}: {os.cpu_count()} CPUs, {cpu}")
+
+
+def _cell(r: Optional[dict]) -> str:
+    if r is None:
+        return f"{'':>10} {'':>8} {'':>8} {'':>6} {'':>7}"
+    if r["time_us"] is None:
+        return f"{'failed':>10} {'-':>8} {'-':>8} {'-':>6} {'-':>7}"
+    ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-"
+    return f"{r['time_us']:>10.1f} {r['algbw_GBps']:>8.3f} {r['busbw_GBps']:>8.3f} {r['wrong']:>6} {ratio:>7}"
+
+
+def report(rows: List[dict], a: argparse.Namespace, n: int) -> str:
+    lines = []
+    for coll in a.collectives:
+        mine = [r for r in rows if r["collective"] == coll]
+        c = COLLECTIVES[coll]
+        op = a.op if c.reduces else "none"
+        lines += [
+            f"# {coll}: {n} ranks, {a.device}, {a.dtype}, op {op}; backends {', '.join(a.backends)} "
+            f"(ratio = {a.backends[-1]} time / this time)",
+            f"# {'':>52}{'out-of-place':^44}   {'in-place':^44}",
+            f"# {'size':>10} {'count':>11} {'type':>8} {'redop':>5} {'backend':>10}"
+            f" {'time':>10} {'algbw':>8} {'busbw':>8} {'#wrong':>6} {'ratio':>7}  "
+            f" {'time':>10} {'algbw':>8} {'busbw':>8} {'#wrong':>6} {'ratio':>7}",
+            f"# {'(B)':>10} {'(elements)':>11} {'':>8} {'':>5} {'':>10}"
+            f" {'(us)':>10} {'(GB/s)':>8} {'(GB/s)':>8} {'':>6} {'':>7}  "
+            f" {'(us)':>10} {'(GB/s)':>8} {'(GB/s)':>8} {'':>6} {'':>7}",
+        ]
+        for size in sorted({r["size_bytes"] for r in mine}):
+            for b in a.backends:
+                cell = {r["placement"]: r for r in mine if r["size_bytes"] == size and r["backend"] == b}
+                any_row = next(iter(cell.values()))
+                lines.append(f"  {size:>10} {any_row['count']:>11} {a.dtype:>8} {op:>5} {b:>10} "
+                             f"{_cell(cell.get('out-of-place'))}   {_cell(cell.get('in-place'))}")
+        errors = sorted({f"{r['backend']}: {r['error']}" for r in mine if r.get("error")})
+        lines += [f"# error {e}" for e in errors]
+        total_wrong = sum(r["wrong"] or 0 for r in mine)
+        lines.append(f"# {coll}: #wrong total {total_wrong}")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def write_json(path: str, rows: List[dict]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
+        f.write("\n")
+
+
+def plot(path: str, rows: List[dict]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("ringcc bench: --plot needs matplotlib (pip install matplotlib); no plot written", file=sys.stderr)
+        return
+    colls = sorted({r["collective"] for r in rows}, key=list(COLLECTIVES).index)
+    fig, axes = plt.subplots(1, len(colls), figsize=(6 * len(colls), 4.2), squeeze=False)
+    for ax, coll in zip(axes[0], colls):
+        for b in dict.fromkeys(r["backend"] for r in rows):
+            for placement, style in (("out-of-place", "-"), ("in-place", "--")):
+                pts = sorted((r["size_bytes"], r["busbw_GBps"]) for r in rows
+                             if r["collective"] == coll and r["backend"] == b and r["placement"] == placement
+                             and r["busbw_GBps"] is not None)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", markersize=3,
+                            label=f"{b} {placement}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("size (bytes)")
+        ax.set_ylabel("busbw (GB/s)")
+        r0 = next(r for r in rows if r["collective"] == coll)
+        ax.set_title(f"{coll}, {r0['nranks']} ranks, {r0['dtype']}, {r0['device']}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+# ------------------------------------------------------------------------------ launcher
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(argv: Sequence[str], nproc: int) -> int:
+    """Start `nproc` ranks of this command on this host and wait for them. Rank 0 prints
+    the table; a rank that fails stops the others."""
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(nproc),
+               LOCAL_WORLD_SIZE=str(nproc), **{CHILD_ENV: "1"})
+    env.setdefault("OMP_NUM_THREADS", "1")
+    procs = []
+    for r in range(nproc):
+        env_r = dict(env, RANK=str(r), LOCAL_RANK=str(r))
+        procs.append(subprocess.Popen([sys.executable, "-m", "ringcc", "bench", *argv], env=env_r,
+                                      stdout=None if r == 0 else subprocess.DEVNULL))
+    status = 0
+    try:
+        pending = list(procs)
+        while pending:
+            for p in list(pending):
+                try:
+                    rc = p.wait(timeout=0.2)
+                except subprocess.TimeoutExpired:
+                    continue
+                pending.remove(p)
+                if rc != 0 and status == 0:
+                    status = rc if rc > 0 else 1
+                    if rc != 1:  # 1: a rank that ran and found wrong results; others: a crash
+                        for q in pending:
+                            q.send_signal(signal.SIGTERM)
+    except KeyboardInterrupt:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        status = 130
+    for p in procs:
+        p.wait()
+    return status
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    check_args(parser, a)
+    if os.environ.get(CHILD_ENV) or ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
+        if a.nproc is not None and not os.environ.get(CHILD_ENV):
+            print("ringcc bench: --nproc is ignored under torchrun (it started the ranks)", file=sys.stderr)
+        return run_rank(a)
+    return spawn(argv, a.nproc or 2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
