@@ -365,6 +365,18 @@ def run_rank(a: argparse.Namespace) -> int:
         dist.all_reduce(t, op=op)
         return t.tolist()
 
+    # Before the first cell: every backend's first calls pay one-off costs (lazy setup,
+    # first-touch pages, thread start-up) that would otherwise land in the first row.
+    for b in a.backends:
+        try:
+            t = torch.zeros(1024, dtype=torch.float32, device=device)
+            for _ in range(20):
+                dist.all_reduce(t, group=groups[b])
+            sync()
+        except Exception:  # noqa: BLE001 - the cells report what fails, row by row
+            pass
+    dist.barrier()
+
     cells = [(c, s, p) for c in a.collectives for s in a.sizes
              for p in ("out-of-place", "in-place") if p == "out-of-place" or COLLECTIVES[c].in_place]
     progress = Progress(len(cells), rank == 0 and not a.no_progress)
@@ -533,13 +545,14 @@ def plot(path: str, rows: List[dict]) -> None:
     colls = sorted({r["collective"] for r in rows}, key=list(COLLECTIVES).index)
     fig, axes = plt.subplots(1, len(colls), figsize=(6 * len(colls), 4.2), squeeze=False)
     for ax, coll in zip(axes[0], colls):
-        for b in dict.fromkeys(r["backend"] for r in rows):
-            for placement, style in (("out-of-place", "-"), ("in-place", "--")):
+        for k, b in enumerate(dict.fromkeys(r["backend"] for r in rows)):
+            color = f"C{k}"  # one colour per backend; the line style tells the placement
+            for placement, style in (("out-of-place", "--"), ("in-place", "-")):
                 pts = sorted((r["size_bytes"], r["busbw_GBps"]) for r in rows
                              if r["collective"] == coll and r["backend"] == b and r["placement"] == placement
                              and r["busbw_GBps"] is not None)
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", markersize=3,
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color, marker="o", markersize=3,
                             label=f"{b} {placement}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("size (bytes)")
