@@ -472,15 +472,24 @@ def check_timeout(c: Checks, init_method: str) -> None:
     c.run("timeout", timeout)
 
 
-def main() -> int:
-    global GLOO
+def worker_args(**extra: dict) -> argparse.Namespace:
+    """The command line every worker of the shared launcher (test_torch_backend._launch)
+    takes; `extra` adds options: name -> add_argument keywords."""
     p = argparse.ArgumentParser()
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--world", type=int, required=True)
     p.add_argument("--init-method", required=True)
     p.add_argument("--timeout-init-method", default="")
+    for name, kwargs in extra.items():
+        p.add_argument(name, **kwargs)
     args = p.parse_args()
     torch.set_num_threads(1)
+    return args
+
+
+def main() -> int:
+    global GLOO
+    args = worker_args()
     tb = load_backend()
     tb.register()
     tb.register()  # idempotent

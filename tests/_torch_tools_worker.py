@@ -15,7 +15,6 @@ only in torch) and point-to-point operations (being reworked in the engine).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import faulthandler
@@ -678,6 +677,18 @@ def check_mismatch(c: Checks) -> None:
                                 timeout=datetime.timedelta(seconds=seconds))
         return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=60))
 
+    @contextlib.contextmanager
+    def mismatch_scenario(tag: str, what: str):
+        """A fresh ringcc group with a 10 s timeout; after the body the group must be
+        aborted, and the ranks leave together."""
+        gloo = init(tag, 10)
+        try:
+            yield
+            assert_aborted(what)
+            dist.barrier(group=gloo)
+        finally:
+            dist.destroy_process_group()
+
     def expect_mismatch(call, what):
         try:
             call()
@@ -696,8 +707,7 @@ def check_mismatch(c: Checks) -> None:
             raise AssertionError(f"{what}: the group still works after the error")
 
     def different_collectives():
-        gloo = init("mismatch_op", 10)
-        try:
+        with mismatch_scenario("mismatch_op", "all_reduce vs all_gather"):
             if rank == 0:
                 text = expect_mismatch(lambda: dist.all_reduce(torch.ones(10)), "all_reduce vs all_gather")
                 peers = range(1, world)
@@ -708,15 +718,10 @@ def check_mismatch(c: Checks) -> None:
             for word in ("mismatch", "allreduce(seq=1", "allgather(seq=1", "count=10", "collective"):
                 assert word in text, f"{word!r} missing from: {text}"
             assert any(f"rank {p} " in text for p in peers), f"no peer rank named in: {text}"
-            assert_aborted("all_reduce vs all_gather")
-            dist.barrier(group=gloo)
-        finally:
-            dist.destroy_process_group()
     c.run("mismatch/allreduce_vs_allgather", different_collectives)
 
     def different_sizes():
-        gloo = init("mismatch_size", 10)
-        try:
+        with mismatch_scenario("mismatch_size", "all_reduce sizes"):
             text = expect_mismatch(lambda: dist.all_reduce(torch.ones(10 + rank)), "all_reduce sizes")
             for word in ("mismatch", "allreduce(seq=1", "count", "differ in: count"):
                 assert word in text, f"{word!r} missing from: {text}"
@@ -724,18 +729,13 @@ def check_mismatch(c: Checks) -> None:
             sizes = [f"count={10 + r}," for r in range(world) if f"count={10 + r}," in text]
             ranks = [r for r in range(world) if f"rank {r} " in text]
             assert len(sizes) == 2 and len(ranks) >= 2, f"sizes {sizes}, ranks {ranks} in: {text}"
-            assert_aborted("all_reduce sizes")
-            dist.barrier(group=gloo)
-        finally:
-            dist.destroy_process_group()
     c.run("mismatch/allreduce_sizes", different_sizes)
 
     def broadcast_vs_allreduce():
         # A rank whose part of the broadcast was only sending (the root), or that only
         # exchanged with ranks calling the same broadcast, may complete it and raise on
         # its next call instead: every rank raises by its next collective.
-        gloo = init("mismatch_bcast", 10)
-        try:
+        with mismatch_scenario("mismatch_bcast", "all_reduce vs broadcast"):
             raised = {}
             for i, call in enumerate((lambda: dist.all_reduce(torch.ones(10)) if rank == 0 else
                                       dist.broadcast(torch.ones(10), src=1),
@@ -753,10 +753,6 @@ def check_mismatch(c: Checks) -> None:
                     assert word in text, f"{word!r} missing from: {text}"
             if rank == 0:
                 assert 0 in raised, "the all_reduce rank completed its mismatched call"
-            assert_aborted("all_reduce vs broadcast")
-            dist.barrier(group=gloo)
-        finally:
-            dist.destroy_process_group()
     c.run("mismatch/allreduce_vs_broadcast", broadcast_vs_allreduce)
 
     def reinit_works():
@@ -775,14 +771,7 @@ def check_mismatch(c: Checks) -> None:
 # --------------------------------------------------------------------------- main
 def main() -> int:
     global GLOO
-    p = argparse.ArgumentParser()
-    p.add_argument("--rank", type=int, required=True)
-    p.add_argument("--world", type=int, required=True)
-    p.add_argument("--init-method", required=True)
-    p.add_argument("--timeout-init-method", default="")  # accepted for the shared launcher; unused
-    p.add_argument("--only", default="", help="run only the checks whose name starts with this")
-    args = p.parse_args()
-    torch.set_num_threads(1)
+    args = base.worker_args(**{"--only": dict(default="", help="run only the checks whose name starts with this")})
     tb = load_backend()
     tb.register()
     faulthandler.dump_traceback_later(HANG_REPORT_S, exit=True)  # diagnostics only
