@@ -54,6 +54,8 @@ struct Segments {
 // Building blocks (ring.cpp, recursive_doubling.cpp).
 void ring_reduce_scatter(OpContext& ctx, char* buf, const Partition& part, size_t esize, size_t segment_bytes);
 void ring_allgather(OpContext& ctx, char* buf, const Partition& part, size_t esize, size_t segment_bytes);
+// Reduce-scatter and allgather fused into one exchange (no per-chunk work between them).
+void ring_allreduce(OpContext& ctx, char* buf, const Partition& part, size_t esize, size_t segment_bytes);
 void recursive_doubling_allreduce(OpContext& ctx, char* buf, char* tmp, size_t bytes);
 
 // One entry point per collective; each validates nothing (the communicator did).

@@ -60,6 +60,11 @@ void allreduce(OpContext& ctx, const OpDesc& d, const Tuning& t, Scratch& s) {
     } else {
       Partition part = Partition::even(d.count, n);
       const int r = ctx.rank();
+      if (!is_half(d.dtype) && d.op != ReduceOp::kAvg) {
+        // Nothing to do to the owned chunk between the phases: run them as one.
+        ring_allreduce(ctx, w.data, part, w.esize, t.segment_bytes);
+        return;
+      }
       ring_reduce_scatter(ctx, w.data, part, w.esize, t.segment_bytes);
       finish_avg(d, w, part.offset[r], part.count[r], n);
       if (is_half(d.dtype)) {
