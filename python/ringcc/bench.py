@@ -257,11 +257,10 @@ class Data:
 
 # ------------------------------------------------------------------------------- runner
 def _reduce_op(op: str):
-    import torch.distributed as dist
+    """torch's ReduceOp for one of OPS (the backend's own table, read backwards)."""
+    from .torch_backend import _OPS
 
-    R = dist.ReduceOp
-    return {"sum": R.SUM, "prod": R.PRODUCT, "min": R.MIN, "max": R.MAX, "avg": R.AVG,
-            "band": R.BAND, "bor": R.BOR, "bxor": R.BXOR}[op]
+    return next(code for code, name in _OPS.items() if name == op)
 
 
 class Cell:

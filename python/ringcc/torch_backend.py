@@ -219,18 +219,18 @@ if hasattr(os, "register_at_fork"):
 
 # ------------------------------------------------------------------------------ Work
 class RingccWork(dist.Work):
-    """torch Work over one ringcc operation.
+    """torch Work over one asynchronous ringcc operation (blocking calls return a
+    _CompletedWork).
 
     ``wait()`` blocks with the GIL released (in ringcc's Work.wait); the torch Future
     from ``get_future()`` is completed with the list of output tensors, or failed with
     the operation's exception, by the first of: ``wait()``/``is_completed()`` on a
     finished operation, or a settler thread that ringcc's done callback wakes."""
 
-    def __init__(self, outputs: List[torch.Tensor], native: Any = None, finish: Finish = None,
-                 description: str = ""):
+    def __init__(self, outputs: List[torch.Tensor], native: Any, finish: Finish = None, description: str = ""):
         super().__init__()
         self._outputs = outputs
-        self._native = native  # ringcc.Work, or None when the operation already ran
+        self._native = native  # the ringcc.Work
         self._finish_fn = finish
         self._description = description
         self._lock = threading.Lock()
@@ -238,9 +238,7 @@ class RingccWork(dist.Work):
         self._settled = False  # some thread has taken on settling the future
         self._error: Optional[BaseException] = None
         self._future: torch.futures.Future = torch.futures.Future()
-        if native is None:
-            self._complete(None)
-        elif native.is_completed():
+        if native.is_completed():
             self._complete(native.exception())
         else:
             # Never settle on the engine thread (see _Settler).
@@ -277,22 +275,19 @@ class RingccWork(dist.Work):
                 pass
 
     def _poll_native(self) -> None:
-        native = self._native
-        if not self._finished and native is not None and native.is_completed():
-            self._complete(native.exception())
+        if not self._finished and self._native.is_completed():
+            self._complete(self._native.exception())
 
     # torch.distributed.Work API ------------------------------------------------------
     def wait(self, timeout: Any = None) -> bool:
         native = self._native
-        if native is not None:
-            if not self._finished:
-                seconds = _wait_seconds(timeout)
-                try:
-                    native.wait(seconds)
-                except BaseException:
-                    if not native.is_completed():
-                        raise  # our wait timed out (or was interrupted); the op keeps running
-            self._complete(native.exception(), wait_settled=True)
+        if not self._finished:
+            try:
+                native.wait(_wait_seconds(timeout))
+            except BaseException:
+                if not native.is_completed():
+                    raise  # our wait timed out (or was interrupted); the op keeps running
+        self._complete(native.exception(), wait_settled=True)
         if self._error is not None:
             raise self._error
         return True

@@ -68,6 +68,8 @@ void gather(OpContext& ctx, const OpDesc& d);
 void scatter(OpContext& ctx, const OpDesc& d);
 void alltoall(OpContext& ctx, const OpDesc& d);
 void barrier(OpContext& ctx);
-void send_recv(OpContext& ctx, const OpDesc& d);
+// A send or receive is one frame; the communicator runs it in a batch with its
+// neighbours in the queue (Communicator::run_p2p_batch).
+Transfer send_recv_transfer(const OpDesc& d);
 
 }  // namespace ringcc::algorithms

@@ -132,10 +132,9 @@ void barrier(OpContext& ctx) {
   }
 }
 
-void send_recv(OpContext& ctx, const OpDesc& d) {
+Transfer send_recv_transfer(const OpDesc& d) {
   const size_t bytes = d.count * element_size(d.dtype);
-  Transfer t = d.is_send ? Transfer::send(d.peer, d.in, bytes) : Transfer::recv(d.peer, d.out, bytes);
-  ctx.exchange(&t, 1);
+  return d.is_send ? Transfer::send(d.peer, d.in, bytes) : Transfer::recv(d.peer, d.out, bytes);
 }
 
 }  // namespace ringcc::algorithms

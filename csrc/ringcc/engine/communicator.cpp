@@ -32,6 +32,11 @@ bool overlaps(const void* a, size_t an, const void* b, size_t bn) {
   return an && bn && pa < pb + bn && pb < pa + an;
 }
 
+// The deadline of one operation: its own timeout, or the communicator's (< 0 in OpDesc).
+Deadline deadline_for(const OpDesc& d, double communicator_timeout) {
+  return Deadline::after(d.timeout_seconds > 0 ? d.timeout_seconds : communicator_timeout);
+}
+
 bool is_rooted(Collective c) {
   return c == Collective::kBroadcast || c == Collective::kReduce || c == Collective::kGather ||
          c == Collective::kScatter;
@@ -260,8 +265,7 @@ OpContext Communicator::make_context(const OpHeader& h, const Deadline& deadline
 }
 
 void Communicator::execute(const OpDesc& d, const OpHeader& h) {
-  double timeout = d.timeout_seconds > 0 ? d.timeout_seconds : options_.timeout_seconds;
-  OpContext ctx = make_context(h, Deadline::after(timeout));
+  OpContext ctx = make_context(h, deadline_for(d, options_.timeout_seconds));
   algorithms::Tuning t{d.segment_bytes ? d.segment_bytes : options_.segment_bytes,
                        options_.small_message_bytes};
   OpDesc local = d;
@@ -285,7 +289,7 @@ void Communicator::execute(const OpDesc& d, const OpHeader& h) {
       algorithms::alltoall(ctx, local);
       break;
     case Collective::kBarrier: algorithms::barrier(ctx); break;
-    case Collective::kSendRecv: algorithms::send_recv(ctx, local); break;
+    case Collective::kSendRecv: RINGCC_ASSERT(!"send/recv runs in run_p2p_batch()"); break;
     case Collective::kConnect: break;
   }
 }
@@ -393,12 +397,10 @@ class P2PBatch : public TransferFeed {
       : ctx_(ctx), default_timeout_(default_timeout), take_(std::move(take)) {}
 
   void add(OpDesc d, const OpHeader& h, std::shared_ptr<Work> w, std::vector<Transfer>& transfers) {
-    double timeout = d.timeout_seconds > 0 ? d.timeout_seconds : default_timeout_;
-    const size_t bytes = d.count * element_size(d.dtype);
-    ops_.push_back(Op{std::move(d), h, std::move(w), Deadline::after(timeout), false});
+    Deadline deadline = deadline_for(d, default_timeout_);
+    ops_.push_back(Op{std::move(d), h, std::move(w), deadline, false});
     const Op& op = ops_.back();
-    Transfer t = op.desc.is_send ? Transfer::send(op.desc.peer, op.desc.in, bytes)
-                                 : Transfer::recv(op.desc.peer, op.desc.out, bytes);
+    Transfer t = algorithms::send_recv_transfer(op.desc);
     t.op = &op.header;  // deque elements never move
     transfers.push_back(t);
     retarget();
