@@ -31,13 +31,13 @@ import datetime
 import json
 import math
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
+
+from . import _launch
+from ._progress import TextProgress
 
 CHILD_ENV = "RINGCC_BENCH_CHILD"
 ROUNDS = 4  # timed blocks per backend, cell and size: A B B A A B B A ...
@@ -313,29 +313,6 @@ class Cell:
         return self.data.count_wrong(self.out)
 
 
-class Progress:
-    """A one-line progress bar on stderr (rank 0, terminals only)."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.done, self.enabled = total, 0, enabled and sys.stderr.isatty()
-        self.t0 = time.monotonic()
-
-    def step(self, what: str) -> None:
-        self.done += 1
-        if not self.enabled:
-            return
-        width = 30
-        filled = int(width * self.done / max(1, self.total))
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-                         f"{what:<32} {time.monotonic() - self.t0:6.1f}s")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\r" + " " * 90 + "\r")
-            sys.stderr.flush()
-
-
 def run_rank(a: argparse.Namespace) -> int:
     """One rank (spawned by `ringcc bench` or by torchrun)."""
     import torch
@@ -378,7 +355,7 @@ def run_rank(a: argparse.Namespace) -> int:
 
     cells = [(c, s, p) for c in a.collectives for s in a.sizes
              for p in ("out-of-place", "in-place") if p == "out-of-place" or COLLECTIVES[c].in_place]
-    progress = Progress(len(cells), rank == 0 and not a.no_progress)
+    progress = TextProgress(len(cells), rank == 0 and not a.no_progress)
     rows = []
     for coll, size, placement in cells:
         el = torch.empty(0, dtype=dtype).element_size()
@@ -566,45 +543,11 @@ def plot(path: str, rows: List[dict]) -> None:
 
 
 # ------------------------------------------------------------------------------ launcher
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(argv: Sequence[str], nproc: int) -> int:
     """Start `nproc` ranks of this command on this host and wait for them. Rank 0 prints
-    the table; a rank that fails stops the others."""
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(nproc),
-               LOCAL_WORLD_SIZE=str(nproc), **{CHILD_ENV: "1"})
-    env.setdefault("OMP_NUM_THREADS", "1")
-    procs = []
-    for r in range(nproc):
-        env_r = dict(env, RANK=str(r), LOCAL_RANK=str(r))
-        procs.append(subprocess.Popen([sys.executable, "-m", "ringcc", "bench", *argv], env=env_r,
-                                      stdout=None if r == 0 else subprocess.DEVNULL))
-    status = 0
-    try:
-        pending = list(procs)
-        while pending:
-            for p in list(pending):
-                try:
-                    rc = p.wait(timeout=0.2)
-                except subprocess.TimeoutExpired:
-                    continue
-                pending.remove(p)
-                if rc != 0 and status == 0:
-                    status = rc if rc > 0 else 1
-                    if rc != 1:  # 1: a rank that ran and found wrong results; others: a crash
-                        for q in pending:
-                            q.send_signal(signal.SIGTERM)
-    except KeyboardInterrupt:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        status = 130
-    for p in procs:
-        p.wait()
-    return status
+    the table; a rank that crashes stops the others (exit code 1 is a rank that ran to
+    the end and found wrong results: its peers finish too)."""
+    return _launch.spawn("bench", argv, nproc, CHILD_ENV, benign_exit_codes=(1,))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -612,7 +555,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     check_args(parser, a)
-    if os.environ.get(CHILD_ENV) or ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
+    if _launch.is_rank(CHILD_ENV):
         if a.nproc is not None and not os.environ.get(CHILD_ENV):
             print("ringcc bench: --nproc is ignored under torchrun (it started the ranks)", file=sys.stderr)
         return run_rank(a)
