@@ -32,6 +32,15 @@ def _register_torch_backend() -> bool:
 _register_torch_backend()
 
 
+def __getattr__(name: str):
+    # Trainer needs torch; importing it lazily keeps `import ringcc` NumPy-only.
+    if name == "Trainer":
+        from .trainer import Trainer
+
+        return Trainer
+    raise AttributeError(f"module 'ringcc' has no attribute {name!r}")
+
+
 def info() -> dict:
     """Version and build options of the installed native core."""
     return dict(_C.build_info())
@@ -46,5 +55,6 @@ __all__ = [
     "MismatchError",
     "AbortedError",
     "info",
+    "Trainer",
     "__version__",
 ]
