@@ -199,6 +199,11 @@ def check_resume(kind: str) -> None:
     tensors_equal(state_of(second), ref, f"{kind} max_steps+resume")
     again = build(kind, checkpoint_dir=ckpt).fit()  # a finished run resumes to nothing
     assert again == [], again
+    try:  # a fresh run must not write its checkpoints among another run's
+        build(kind, checkpoint_dir=ckpt, resume=False).fit()
+        raise AssertionError("resume=False trained into a directory that holds checkpoints")
+    except RuntimeError as exc:
+        assert "already holds checkpoints" in str(exc), exc
 
     # The test can see per-rank RNG: resuming with the ranks' RNG states swapped must
     # change the result (dropout masks move to the other rank).

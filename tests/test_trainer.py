@@ -25,6 +25,7 @@ if not dist.is_available() or not dist.is_gloo_available():
 
 from test_torch_backend import _assert_checks, _launch  # noqa: E402 - after the skips
 
+from ringcc import train_cli  # noqa: E402
 from ringcc import trainer as tr  # noqa: E402
 
 WORKER = Path(__file__).with_name("_trainer_worker.py")
@@ -105,3 +106,48 @@ def test_list_checkpoints_orders_by_step_and_skips_temporary_files(tmp_path):
         (tmp_path / name).write_bytes(b"")
     assert [Path(p).name for p in tr.list_checkpoints(str(tmp_path))] == ["step-00000003.pt", "step-00000010.pt"]
     assert tr.list_checkpoints(str(tmp_path / "missing")) == []
+
+
+# ---------------------------------------------------------------------------- CLI
+def _cli(args, cwd):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "ringcc", "train", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=CLI_TIMEOUT)
+
+
+def test_cli_trains_checkpoints_refuses_a_used_directory_and_resumes(tmp_path):
+    small = ["--samples", "512", "--batch-size", "32", "--no-progress", "--checkpoint-dir", "ckpt"]
+    res = _cli(["--nproc", "2", *small, "--epochs", "1", "--json", "one.json"], tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "ringcc train: mlp (small" in res.stdout and "epoch 0: loss" in res.stdout
+    out = json.loads((tmp_path / "one.json").read_text())
+    (epoch,) = out["epochs"]
+    assert out["world_size"] == 2 and epoch["samples"] == 512 and epoch["samples_per_sec"] > 0
+    assert epoch["loss"] > 0 and epoch["comm_compute_ratio"] >= 0
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step-00000008.pt"]
+
+    # A rank that fails (here: the directory is in use and --resume not given) makes the
+    # command fail with the reason. One rank is enough to see it, and starts faster.
+    res = _cli(["--nproc", "1", *small, "--epochs", "2"], tmp_path)
+    assert res.returncode != 0
+    assert "already holds checkpoints" in res.stderr and "ringcc train: failed" in res.stderr
+
+    res = _cli(["--nproc", "2", *small, "--epochs", "2", "--resume", "--json", "two.json"], tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = json.loads((tmp_path / "two.json").read_text())
+    assert out["resumed_from"].endswith("step-00000008.pt")
+    assert [e["epoch"] for e in out["epochs"]] == [1] and out["epochs"][0]["global_step"] == 16
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--resume"], "--resume needs --checkpoint-dir"),
+    (["--error-feedback"], "--error-feedback needs --compression"),
+    (["--nproc", "0"], "--nproc must be >= 1"),
+    (["--checkpoint-every", "5"], "--checkpoint-every needs --checkpoint-dir"),
+])
+def test_cli_refuses_bad_arguments_with_a_reason(argv, needle, capsys):
+    p = train_cli.build_parser()
+    with pytest.raises(SystemExit) as exc:
+        train_cli.check_args(p, p.parse_args(argv))
+    assert exc.value.code == 2
+    assert needle in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The `ringcc` command line: `ringcc info`, `ringcc bench`."""
+"""The `ringcc` command line: `ringcc info`, `ringcc bench`, `ringcc train`."""
 
 from __future__ import annotations
 
@@ -37,11 +37,16 @@ def main(argv=None) -> int:
         from . import bench
 
         return bench.main(argv[1:])
+    if argv[:1] == ["train"]:  # likewise: `ringcc train --help`
+        from . import train_cli
+
+        return train_cli.main(argv[1:])
     parser = argparse.ArgumentParser(prog="ringcc", description="ringcc collective communication")
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="print version and build options")
     p_info.set_defaults(func=_info)
     sub.add_parser("bench", help="benchmark collectives of torch.distributed backends (ringcc bench --help)")
+    sub.add_parser("train", help="data-parallel training demo on synthetic data (ringcc train --help)")
     args = parser.parse_args(argv)
     return args.func(args)
 

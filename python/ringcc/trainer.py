@@ -29,7 +29,8 @@ Checkpoints and resume
     batches of the epoch already consumed), and per rank — gathered to rank 0 — the RNG
     states of torch, NumPy and ``random`` and the wrapper's communication state
     (``comm_state_dict()``, e.g. error-feedback residuals, when the wrapper has one).
-    With ``resume=True`` a run starts from the newest checkpoint in the directory and
+    With ``resume=True`` a run starts from the newest checkpoint in the directory (with
+    ``resume=False`` a directory that holds checkpoints is refused) and
     skips the consumed batches of the epoch, so an interrupted run that is resumed
     ends with exactly the parameters and optimizer state of an uninterrupted one (same
     world size, batch settings and thread counts; and a gradient exchange whose
@@ -47,7 +48,8 @@ resumed run report the part of the epoch they ran, with ``"partial": True``)
                          per synchronising backward, from the moment the last local
                          gradient was accumulated (a post-accumulate-grad hook on every
                          parameter) to the return of ``backward()`` — the exposed,
-                         non-overlapped communication (mean over ranks).
+                         non-overlapped communication, including waiting for a slower
+                         peer and unpacking the results (mean over ranks).
     ``comm_overlapped_s`` communication that ran while backward still computed: the
                          union of the bucket exchanges' lifetimes minus ``comm_s``, when
                          the wrapper lets us see them (torch's DDP as built here: a
@@ -414,8 +416,12 @@ class Trainer:
     def fit(self) -> List[Dict[str, Any]]:
         """Train until `epochs` (or `max_steps`) are done; returns per-epoch metrics."""
         mine = None
-        if self.resume and self.checkpoint_dir is not None:
+        if self.checkpoint_dir is not None:
             path = self._latest_checkpoint()
+            if path is not None and not self.resume:
+                # Its steps would interleave with ours and a later resume could pick either run.
+                raise RuntimeError(f"{self.checkpoint_dir} already holds checkpoints (newest: {path}); resume "
+                                   "from them (resume=True) or use another directory")
             if path is not None:
                 mine = self._load_checkpoint(path)
                 self.log(f"resumed from {path}: step {self.global_step}, epoch {self.epoch}, "
