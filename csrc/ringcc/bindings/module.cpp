@@ -6,9 +6,11 @@
 #include <pybind11/stl.h>
 
 #include <memory>
+#include <vector>
 
 #include "ringcc/common/error.h"
 #include "ringcc/engine/communicator.h"
+#include "ringcc/kernels/cpu/compress.h"
 #include "ringcc/kernels/cpu/kernels.h"
 #include "ringcc_config.h"
 
@@ -70,6 +72,18 @@ kernels::SimdLevel parse_simd(const std::string& s) {
 
 void* ptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
 
+// The piece lists of _pack/_unpack, checked to line up.
+std::vector<void*> piece_ptrs(const char* fn, const std::vector<uintptr_t>& ptrs,
+                              const std::vector<size_t>& offsets, const std::vector<size_t>& bytes) {
+  if (ptrs.size() != offsets.size() || ptrs.size() != bytes.size()) {
+    RINGCC_THROW(std::invalid_argument, fn, ": ", ptrs.size(), " pointers, ", offsets.size(),
+                 " offsets and ", bytes.size(), " byte counts (must be equal)");
+  }
+  std::vector<void*> out(ptrs.size());
+  for (size_t i = 0; i < ptrs.size(); ++i) out[i] = ptr(ptrs[i]);
+  return out;
+}
+
 // One queued operation from the flat argument list the Python layer passes
 // positionally; `Queue` is Communicator::submit or Communicator::run.
 template <std::shared_ptr<Work> (Communicator::*Queue)(OpDesc)>
@@ -77,7 +91,7 @@ std::shared_ptr<Work> queue_op(Communicator& c, Collective kind, DataType dtype,
                                int root, int peer, bool is_send, int64_t tag, uintptr_t in, size_t in_bytes,
                                uintptr_t out, size_t out_bytes, size_t count, std::vector<size_t> counts,
                                std::vector<size_t> recv_counts, double timeout, Algorithm algorithm,
-                               size_t segment_bytes) {
+                               size_t segment_bytes, Compression compression) {
   OpDesc d;
   d.kind = kind;
   d.dtype = dtype;
@@ -97,6 +111,7 @@ std::shared_ptr<Work> queue_op(Communicator& c, Collective kind, DataType dtype,
   d.timeout_seconds = timeout;
   d.algorithm = algorithm;
   d.segment_bytes = segment_bytes;
+  d.compression = compression;
   return (c.*Queue)(std::move(d));
 }
 
@@ -104,7 +119,7 @@ std::shared_ptr<Work> queue_op(Communicator& c, Collective kind, DataType dtype,
   py::arg("kind"), py::arg("dtype"), py::arg("op"), py::arg("root"), py::arg("peer"), py::arg("is_send"), \
       py::arg("tag"), py::arg("in_ptr"), py::arg("in_bytes"), py::arg("out_ptr"), py::arg("out_bytes"),    \
       py::arg("count"), py::arg("counts"), py::arg("recv_counts"), py::arg("timeout"),                     \
-      py::arg("algorithm"), py::arg("segment_bytes")
+      py::arg("algorithm"), py::arg("segment_bytes"), py::arg("compression")
 
 }  // namespace
 
@@ -148,6 +163,10 @@ PYBIND11_MODULE(_C, m) {
       .value("auto", Algorithm::kAuto)
       .value("ring", Algorithm::kRing)
       .value("recursive_doubling", Algorithm::kRecursiveDoubling);
+  py::enum_<Compression>(m, "Compression")
+      .value("none", Compression::kNone)
+      .value("fp16", Compression::kFp16)
+      .value("bf16", Compression::kBf16);
 
   m.def("element_size", [](DataType t) { return element_size(t); });
   // Address, size and writability of a contiguous buffer-protocol object: the cheap way
@@ -244,6 +263,32 @@ PYBIND11_MODULE(_C, m) {
   m.def("_convert", [](uintptr_t dst, DataType dt, uintptr_t src, DataType st, size_t count) {
     kernels::convert(ptr(dst), dt, ptr(src), st, count);
   });
+  // Compression and bucketing kernels, wrapped with validation by ringcc.kernels.
+  using gil_free = py::call_guard<py::gil_scoped_release>;
+  m.def("_compressed_bytes", &kernels::compressed_bytes);
+  m.def("_compress", [](uintptr_t wire, uintptr_t in, size_t count, DataType t, float prescale) {
+    kernels::compress(ptr(wire), static_cast<const float*>(ptr(in)), count, t, prescale);
+  }, gil_free());
+  m.def("_decompress", [](uintptr_t out, uintptr_t wire, size_t count, DataType t, bool accumulate) {
+    kernels::decompress(static_cast<float*>(ptr(out)), ptr(wire), count, t, accumulate);
+  }, gil_free());
+  m.def("_error_feedback", [](uintptr_t x, uintptr_t residual, size_t count, DataType t) {
+    kernels::error_feedback(static_cast<float*>(ptr(x)), static_cast<float*>(ptr(residual)), count, t);
+  }, gil_free());
+  m.def("_round_trip", [](uintptr_t x, size_t count, DataType t) {
+    kernels::round_trip(static_cast<float*>(ptr(x)), count, t);
+  }, gil_free());
+  // The lists are converted before the GIL is released (call_guard wraps only the body).
+  m.def("_pack", [](uintptr_t flat, const std::vector<uintptr_t>& srcs, const std::vector<size_t>& offsets,
+                    const std::vector<size_t>& bytes) {
+    const std::vector<void*> p = piece_ptrs("pack", srcs, offsets, bytes);
+    kernels::pack(ptr(flat), p.data(), offsets.data(), bytes.data(), p.size());
+  }, gil_free());
+  m.def("_unpack", [](uintptr_t flat, const std::vector<uintptr_t>& dsts, const std::vector<size_t>& offsets,
+                      const std::vector<size_t>& bytes) {
+    const std::vector<void*> p = piece_ptrs("unpack", dsts, offsets, bytes);
+    kernels::unpack(p.data(), ptr(flat), offsets.data(), bytes.data(), p.size());
+  }, gil_free());
   m.def("_set_simd_level", [](const std::string& s) { kernels::set_simd_level(parse_simd(s)); });
   m.def("_simd_level", []() { return std::string(kernels::simd_level_name(kernels::simd_level())); });
 }
