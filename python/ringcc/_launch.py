@@ -31,7 +31,14 @@ def is_rank(child_env: str) -> bool:
 
 def spawn(command: str, argv: Sequence[str], nproc: int, child_env: str, *,
           benign_exit_codes: Collection[int] = ()) -> int:
-    """Run ``python -m ringcc <command> <argv>`` as `nproc` ranks on this host and wait.
+    """Run ``python -m ringcc <command> <argv>`` as `nproc` ranks on this host and wait
+    (see :func:`spawn_argv`)."""
+    return spawn_argv([sys.executable, "-m", "ringcc", command, *argv], nproc, child_env,
+                      benign_exit_codes=benign_exit_codes)
+
+
+def spawn_argv(cmd: Sequence[str], nproc: int, child_env: str, *, benign_exit_codes: Collection[int] = ()) -> int:
+    """Run the command line `cmd` as `nproc` ranks on this host and wait.
 
     Rank 0 keeps this process's stdout; the others' stdout is discarded (stderr is kept
     for every rank, so errors are seen). When a rank exits non-zero, the others are
@@ -45,7 +52,7 @@ def spawn(command: str, argv: Sequence[str], nproc: int, child_env: str, *,
     procs = []
     for r in range(nproc):
         env_r = dict(env, RANK=str(r), LOCAL_RANK=str(r))
-        procs.append(subprocess.Popen([sys.executable, "-m", "ringcc", command, *argv], env=env_r,
+        procs.append(subprocess.Popen(list(cmd), env=env_r,
                                       stdout=None if r == 0 else subprocess.DEVNULL))
     status = 0
     try:

@@ -33,10 +33,8 @@ Checkpoints and resume
     ``resume=False`` a directory that holds checkpoints is refused) and
     skips the consumed batches of the epoch, so an interrupted run that is resumed
     ends with exactly the parameters and optimizer state of an uninterrupted one (same
-    world size, batch settings and thread counts; and a gradient exchange whose
-    summation order does not depend on the step it starts at — always so with 2 ranks;
-    torch's DDP re-plans its buckets after its first step, which with 3+ ranks can
-    change the last bits). A fresh run seeds torch, NumPy and ``random`` with
+    world size, batch settings and thread counts, and a wrapper whose bucket layout
+    does not depend on the step it was created at: see :func:`torch_ddp`). A fresh run seeds torch, NumPy and ``random`` with
     ``seed + rank`` (dropout differs between ranks, reproducibly).
 
 Metrics (one dict per epoch, from ``fit()``; a run cut short by ``max_steps`` and a
@@ -125,20 +123,49 @@ class _CommTimer:
         return busy
 
 
+def _ringcc_compressed_hook(compression: str, fallback: Callable) -> Callable:
+    """A DDP comm hook averaging a float32 bucket with ringcc's compressed allreduce
+    (16-bit block-scaled values on the wire, float32 accumulation at every hop)."""
+
+    def hook(group, bucket):
+        buf = bucket.buffer()
+        if buf.dtype != torch.float32:
+            return fallback(group, bucket)
+        pg = group if group is not None else dist.group.WORLD
+        return pg.allreduce_compressed(buf, compression, "avg").get_future().then(lambda f: f.value()[0])
+
+    return hook
+
+
 def torch_ddp(module: torch.nn.Module, *, compression: Optional[str] = None, error_feedback: bool = False,
-              process_group=None) -> torch.nn.Module:
-    """``torch.nn.parallel.DistributedDataParallel`` with ``compression`` as torch's
-    fp16/bf16 compress comm hook and a timing hook around it (for ``comm_overlapped_s``).
-    torch has no error feedback for these hooks, so ``error_feedback=True`` is refused."""
+              process_group=None, fixed_buckets: bool = True) -> torch.nn.Module:
+    """``torch.nn.parallel.DistributedDataParallel`` with a timing comm hook (for
+    ``comm_overlapped_s``). ``compression`` ("fp16"/"bf16"): on a ringcc process group,
+    ringcc's compressed allreduce (block-scaled 16-bit wire format, float32 sums); on
+    another backend, torch's casting ``fp16_compress_hook`` / ``bf16_compress_hook``.
+    Neither keeps error-feedback residuals, so ``error_feedback=True`` is refused.
+
+    ``fixed_buckets``: torch's DDP normally puts every gradient in one bucket for its
+    first step and re-plans the buckets after it. A resumed run's first step would then
+    exchange another layout than the uninterrupted run's same step, and the layout
+    decides which rank sums which elements in which order (and, with block-scaled
+    compression, which values share a scale): the last bits differ. With
+    ``find_unused_parameters=True`` torch plans the buckets once, by size, and never
+    re-plans them, at the cost of one walk over the autograd graph per forward."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel
+
+    from .torch_backend import RingccProcessGroup
 
     if error_feedback:
         raise ValueError("error_feedback=True needs ringcc.DistributedDataParallel; torch's DDP has no error "
                          "feedback for its compression hooks")
     base = {None: default_hooks.allreduce_hook, "fp16": default_hooks.fp16_compress_hook,
             "bf16": default_hooks.bf16_compress_hook}[compression]
-    ddp = DistributedDataParallel(module, process_group=process_group)
+    pg = process_group if process_group is not None else dist.group.WORLD
+    if compression is not None and isinstance(pg, RingccProcessGroup):
+        base = _ringcc_compressed_hook(compression, base)
+    ddp = DistributedDataParallel(module, process_group=process_group, find_unused_parameters=fixed_buckets)
     timer = _CommTimer()
 
     def timed_hook(state, bucket):
