@@ -32,6 +32,19 @@ def _register_torch_backend() -> bool:
 _register_torch_backend()
 
 
+def __getattr__(name: str):
+    # The torch-based tools load on first use, so `import ringcc` works without torch.
+    if name == "DistributedDataParallel":
+        from .ddp import DistributedDataParallel
+
+        return DistributedDataParallel
+    if name in ("ddp", "hooks", "timeline"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'ringcc' has no attribute {name!r}")
+
+
 def info() -> dict:
     """Version and build options of the installed native core."""
     return dict(_C.build_info())
@@ -46,5 +59,6 @@ __all__ = [
     "MismatchError",
     "AbortedError",
     "info",
+    "DistributedDataParallel",
     "__version__",
 ]
