@@ -277,12 +277,12 @@ class DistributedDataParallel(nn.Module):
             if bad:
                 raise ValueError(f"ringcc.DistributedDataParallel: compression handles float32 gradients only; "
                                  f"not float32: {', '.join(bad)}")
+        self._strategy = make_strategy(strategy, group, compression, error_feedback)  # may refuse: before any collective
         self._verify_same_model()
         self._broadcast_state(include_params=True)
 
         self._names = [n for n, p in named if p.requires_grad]
         self._params = [p for _, p in named if p.requires_grad]
-        self._strategy = make_strategy(strategy, group, compression, error_feedback)
         self._bucket_cap = int(bucket_cap_mb * _MB)
         self._first_cap = int(first_bucket_mb * _MB)
         reverse = list(range(len(self._params)))[::-1]  # gradients tend to arrive in this order
