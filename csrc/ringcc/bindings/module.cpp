@@ -6,9 +6,11 @@
 #include <pybind11/stl.h>
 
 #include <memory>
+#include <vector>
 
 #include "ringcc/common/error.h"
 #include "ringcc/engine/communicator.h"
+#include "ringcc/kernels/cpu/compress.h"
 #include "ringcc/kernels/cpu/kernels.h"
 #include "ringcc_config.h"
 
@@ -69,6 +71,18 @@ kernels::SimdLevel parse_simd(const std::string& s) {
 }
 
 void* ptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
+
+// The piece lists of _pack/_unpack, checked to line up.
+std::vector<void*> piece_ptrs(const char* fn, const std::vector<uintptr_t>& ptrs,
+                              const std::vector<size_t>& offsets, const std::vector<size_t>& bytes) {
+  if (ptrs.size() != offsets.size() || ptrs.size() != bytes.size()) {
+    RINGCC_THROW(std::invalid_argument, fn, ": ", ptrs.size(), " pointers, ", offsets.size(),
+                 " offsets and ", bytes.size(), " byte counts (must be equal)");
+  }
+  std::vector<void*> out(ptrs.size());
+  for (size_t i = 0; i < ptrs.size(); ++i) out[i] = ptr(ptrs[i]);
+  return out;
+}
 
 // One queued operation from the flat argument list the Python layer passes
 // positionally; `Queue` is Communicator::submit or Communicator::run.
@@ -244,6 +258,32 @@ PYBIND11_MODULE(_C, m) {
   m.def("_convert", [](uintptr_t dst, DataType dt, uintptr_t src, DataType st, size_t count) {
     kernels::convert(ptr(dst), dt, ptr(src), st, count);
   });
+  // Compression and bucketing kernels, wrapped with validation by ringcc.kernels.
+  using gil_free = py::call_guard<py::gil_scoped_release>;
+  m.def("_compressed_bytes", &kernels::compressed_bytes);
+  m.def("_compress", [](uintptr_t wire, uintptr_t in, size_t count, DataType t, float prescale) {
+    kernels::compress(ptr(wire), static_cast<const float*>(ptr(in)), count, t, prescale);
+  }, gil_free());
+  m.def("_decompress", [](uintptr_t out, uintptr_t wire, size_t count, DataType t, bool accumulate) {
+    kernels::decompress(static_cast<float*>(ptr(out)), ptr(wire), count, t, accumulate);
+  }, gil_free());
+  m.def("_error_feedback", [](uintptr_t x, uintptr_t residual, size_t count, DataType t) {
+    kernels::error_feedback(static_cast<float*>(ptr(x)), static_cast<float*>(ptr(residual)), count, t);
+  }, gil_free());
+  m.def("_round_trip", [](uintptr_t x, size_t count, DataType t) {
+    kernels::round_trip(static_cast<float*>(ptr(x)), count, t);
+  }, gil_free());
+  // The lists are converted before the GIL is released (call_guard wraps only the body).
+  m.def("_pack", [](uintptr_t flat, const std::vector<uintptr_t>& srcs, const std::vector<size_t>& offsets,
+                    const std::vector<size_t>& bytes) {
+    const std::vector<void*> p = piece_ptrs("pack", srcs, offsets, bytes);
+    kernels::pack(ptr(flat), p.data(), offsets.data(), bytes.data(), p.size());
+  }, gil_free());
+  m.def("_unpack", [](uintptr_t flat, const std::vector<uintptr_t>& dsts, const std::vector<size_t>& offsets,
+                      const std::vector<size_t>& bytes) {
+    const std::vector<void*> p = piece_ptrs("unpack", dsts, offsets, bytes);
+    kernels::unpack(p.data(), ptr(flat), offsets.data(), bytes.data(), p.size());
+  }, gil_free());
   m.def("_set_simd_level", [](const std::string& s) { kernels::set_simd_level(parse_simd(s)); });
   m.def("_simd_level", []() { return std::string(kernels::simd_level_name(kernels::simd_level())); });
 }

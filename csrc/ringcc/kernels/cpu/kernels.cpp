@@ -55,6 +55,13 @@ const KernelTable& active_table() { return table_for(simd_level()); }
 
 }  // namespace
 
+const CompressTable& active_compress_table() {
+#if RINGCC_KERNELS_AVX2
+  if (simd_level() == SimdLevel::kAvx2) return kAvx2CompressTable;
+#endif
+  return kGenericCompressTable;
+}
+
 SimdLevel best_simd_level() {
   // Probed once; function-local statics are initialised thread-safely.
   static const SimdLevel best = cpu_has_avx2() ? SimdLevel::kAvx2 : SimdLevel::kGeneric;
