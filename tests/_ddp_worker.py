@@ -328,6 +328,42 @@ def check_unused(c: Checks) -> None:
         assert torch.equal(t, torch.full((3,), float(world))), t
     c.run("unused/error_names_parameters", error_without)
 
+    def failed_backward():
+        # A backward that raises after the first bucket was launched (an activation
+        # hook between fc3 and fc2): the next forward finishes that allreduce and the
+        # following steps train as if the failed one never happened.
+        data = all_data(4, 21, world)
+        model = make()
+        # First bucket 0.0003 MB (314 bytes): fc3's weight and bias (272 bytes) alone.
+        ddp = ringcc.DistributedDataParallel(model, bucket_cap_mb=SMALL_CAP_MB, first_bucket_mb=0.0003)
+        assert ddp.bucket_parameter_names()[0] == ["fc3.bias", "fc3.weight"], ddp.bucket_parameter_names()
+        opt = make_opt("sgd", ddp.parameters())
+        launched = []
+        original = ddp._strategy.allreduce_bucket
+        ddp._strategy.allreduce_bucket = lambda flat, i: (launched.append(i), original(flat, i))[1]
+        x, y = data[0][rank]
+        h = {}
+
+        def boom(_grad):
+            raise ValueError("boom")
+
+        def capture(_module, _inp, out):
+            if not h:
+                h["hook"] = out.register_hook(boom)
+
+        handle = model.fc2.register_forward_hook(capture)
+        expect_error(lambda: mse(ddp(x), y).backward(), ValueError, "boom")
+        handle.remove()
+        assert launched == [0], f"expected only bucket 0 launched before the failure: {launched}"
+        for step in data[1:]:
+            x, y = step[rank]
+            opt.zero_grad()
+            mse(ddp(x), y).backward()
+            opt.step()
+        compare(params_of(model), train_single(data[1:]), "after a failed backward")
+        same_on_every_rank(params_of(model), "after a failed backward")
+    c.run("unused/failed_backward_recovers", failed_backward)
+
 
 def check_autocast(c: Checks) -> None:
     rank, world = c.rank, c.world

@@ -88,6 +88,10 @@ def test_unused_parameters_without_the_flag_raise_a_clear_error(results):
     _check(results, "unused/error_names_parameters")
 
 
+def test_a_backward_that_raised_does_not_break_the_next_steps(results):
+    _check(results, "unused/failed_backward_recovers")
+
+
 def test_autocast_bf16(results):
     _check(results, "autocast/bf16")
 

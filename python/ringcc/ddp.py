@@ -376,6 +376,8 @@ class DistributedDataParallel(nn.Module):
 
     # ------------------------------------------------------------------ public API
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._active:
+            self._abandon_iteration()
         grad = torch.is_grad_enabled()
         self._sync_this_step = self._sync_enabled
         if grad and self._sync_enabled and self.broadcast_buffers and self.world_size > 1:
@@ -524,6 +526,16 @@ class DistributedDataParallel(nn.Module):
                 tl.complete("backward", self._bw_start, t_end, step=self._step)
                 tl.flush()
             self._step += 1
+        finally:
+            self._reset_iteration()
+
+    def _abandon_iteration(self) -> None:
+        """A backward that raised part-way never reaches the engine callback: finish
+        the allreduces it launched (every rank launched the same ones if they all
+        failed alike) and start the next step clean. Its gradients are left as they are."""
+        try:
+            for b in self._buckets[:self._next_launch]:
+                self._wait(b)
         finally:
             self._reset_iteration()
 
