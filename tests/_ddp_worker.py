@@ -27,7 +27,6 @@ from _torch_backend_worker import Checks, assert_same, load_backend
 
 import ringcc
 import ringcc.hooks
-from ringcc.ddp import RingStrategy
 
 GLOO = None  # a gloo group over all ranks, set in main()
 RTOL, ATOL = 1e-5, 1e-6  # distributed vs single-process fp32 (sums in another order)

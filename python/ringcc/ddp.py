@@ -32,11 +32,7 @@ _MB = 1024 * 1024
 
 
 def _kernel_pack() -> Optional[Callable[..., Any]]:
-    try:
-        from . import kernels  # type: ignore[attr-defined]  # native kernels, when built
-    except ImportError:
-        return None
-    return getattr(kernels, "pack", None)
+    return _hooks._kernel("pack")
 
 
 def _pack(tensors: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
@@ -277,7 +273,8 @@ class DistributedDataParallel(nn.Module):
             if bad:
                 raise ValueError(f"ringcc.DistributedDataParallel: compression handles float32 gradients only; "
                                  f"not float32: {', '.join(bad)}")
-        self._strategy = make_strategy(strategy, group, compression, error_feedback)  # may refuse: before any collective
+        # Made first: a refused strategy must fail before any wrap-time collective.
+        self._strategy = make_strategy(strategy, group, compression, error_feedback)
         self._verify_same_model()
         self._broadcast_state(include_params=True)
 
@@ -328,7 +325,8 @@ class DistributedDataParallel(nn.Module):
     def _verify_same_model(self) -> None:
         """Every rank must hold the same parameter/buffer names, shapes and dtypes; the
         error (raised on every rank) names the first rank and tensor that differ."""
-        mine = [("parameter", n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in self.module.named_parameters()]
+        mine = [("parameter", n, tuple(p.shape), str(p.dtype), p.requires_grad)
+                for n, p in self.module.named_parameters()]
         mine += [("buffer", n, tuple(b.shape), str(b.dtype), False) for n, b in self.module.named_buffers()]
         everyone: List[Any] = [None] * self.world_size
         dist.all_gather_object(everyone, mine, group=self.process_group)

@@ -24,6 +24,7 @@ The same hooks also work with ``ringcc.DistributedDataParallel.register_comm_hoo
 # No ``from __future__ import annotations``: torch's register_comm_hook compares the
 # hook's annotations with the real dist.GradBucket / Future[Tensor] objects.
 
+import functools
 from typing import Any, Dict, Optional
 
 import torch
@@ -55,7 +56,9 @@ def wire_dtype(compression: str) -> torch.dtype:
         raise ValueError(f"ringcc: compression must be one of {sorted(_WIRE)}, got {compression!r}") from None
 
 
+@functools.lru_cache(maxsize=None)  # a failed import is retried on every call otherwise
 def _kernel(name: str) -> Any:
+    """``ringcc.kernels.<name>`` when that module exists, else None."""
     try:
         from . import kernels  # type: ignore[attr-defined]  # native kernels, when built
     except ImportError:
