@@ -45,6 +45,10 @@ def test_sizes_range_doubles_and_lists_parse():
     (["--op", "bxor"], "integer"),
     (["--backends", "gloo,gloo"], "distinct"),
     (["--iters", "0"], "--iters"),
+    (["--compression", "fp8"], "--compression"),
+    (["--compression", "fp16", "--backends", "gloo"], "add ringcc"),
+    (["--compression", "fp16", "--dtype", "float64"], "float32"),
+    (["--compression", "bf16", "--op", "max"], "sum or avg"),
 ])
 def test_bad_arguments_are_refused_with_a_reason(argv, needle, capsys):
     p = bench.build_parser()
@@ -137,6 +141,21 @@ def test_spawned_run_measures_every_collective_both_backends(tmp_path):
     for coll in bench.COLLECTIVES:
         assert res.stdout.count(f"# {coll}: 2 ranks") == 1
     assert "algbw" in res.stdout and "busbw" in res.stdout and "#wrong" in res.stdout
+
+
+def test_compression_adds_a_ringcc_row_per_wire_format(tmp_path):
+    out = tmp_path / "rows.json"
+    res = _run(["-m", "ringcc", "bench", "--nproc", "2", "-c", "allreduce,allgather", "--sizes", "4K,1M",
+                "--iters", "2", "--warmup", "1", "--op", "avg", "--compression", "none,fp16,bf16",
+                "--json", str(out), "--no-progress"], cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = json.loads(out.read_text())
+    labels = {(r["collective"], r["backend"], r["compression"]) for r in rows}
+    assert labels == {("allreduce", "ringcc", "none"), ("allreduce", "ringcc+fp16", "fp16"),
+                      ("allreduce", "ringcc+bf16", "bf16"), ("allreduce", "gloo", "none"),
+                      ("allgather", "ringcc", "none"), ("allgather", "gloo", "none")}
+    assert all(r["wrong"] == 0 for r in rows), rows
+    assert "ringcc+fp16" in res.stdout
 
 
 def test_torchrun_starts_the_ranks(tmp_path):

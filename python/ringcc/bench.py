@@ -93,6 +93,22 @@ COLLECTIVES: Dict[str, Collective] = {c.name: c for c in (
     Collective("alltoall", lambda n: (n - 1) / n, False, in_place=False),
 )}
 OPS = ("sum", "prod", "min", "max", "avg", "band", "bor", "bxor")
+COMPRESSIONS = ("none", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One column of results: a backend, and for ringcc's allreduce a wire format."""
+
+    backend: str
+    compression: str = "none"
+
+    @property
+    def label(self) -> str:
+        return self.backend if self.compression == "none" else f"{self.backend}+{self.compression}"
+
+    def runs(self, coll: str) -> bool:
+        return self.compression == "none" or coll == "allreduce"
 DTYPES = ("float32", "float64", "float16", "bfloat16", "int8", "uint8", "int32", "int64")
 
 
@@ -113,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", "-d", default="float32", choices=DTYPES)
     p.add_argument("--op", "-o", default="sum", choices=OPS, help="reduction of allreduce / reduce_scatter")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--compression", default="none",
+                   help="comma-separated from none, fp16, bf16: ringcc's allreduce with each wire format, one "
+                        "row each (ringcc+fp16 ...; float32 with op sum or avg; default none)")
     p.add_argument("--iters", "-n", type=int, default=None,
                    help="timed calls per backend, size and placement (default: enough for about --target-seconds "
                         "on the slowest backend, 5..1000)")
@@ -144,6 +163,17 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--iters must be >= 1")
     if a.warmup < 0:
         p.error("--warmup must be >= 0")
+    a.compression = [c.strip() for c in a.compression.split(",") if c.strip()] or ["none"]
+    bad = [c for c in a.compression if c not in COMPRESSIONS]
+    if bad or len(set(a.compression)) != len(a.compression):
+        p.error(f"--compression takes distinct values from {', '.join(COMPRESSIONS)}, got {a.compression}")
+    if a.compression != ["none"]:
+        if "ringcc" not in a.backends:
+            p.error("--compression applies to the ringcc backend: add ringcc to --backends")
+        if a.dtype != "float32" or a.op not in ("sum", "avg"):
+            p.error("--compression needs --dtype float32 and --op sum or avg")
+    # What the table shows: each backend, ringcc once per wire format.
+    a.variants = [Variant(b, c) for b in a.backends for c in (a.compression if b == "ringcc" else ["none"])]
     integer = a.dtype.startswith(("int", "uint"))
     if any(COLLECTIVES[c].reduces for c in names):
         if a.op == "avg" and integer:
@@ -193,6 +223,7 @@ class Data:
 
     def __init__(self, coll: str, count: int, world: int, rank: int, dtype, op: str, device):
         self.coll, self.count, self.world, self.rank = coll, count, world, rank
+        self.wire_dtype = dtype  # the precision results are checked at
         self.dtype, self.op, self.device = dtype, op, device
         self.unsigned = dtype.is_signed is False and not dtype.is_floating_point
         self.op_for_pattern = op if COLLECTIVES[coll].reduces else "sum"
@@ -238,9 +269,13 @@ class Data:
             i = e
         return torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.float64)
 
-    def count_wrong(self, out) -> int:
+    def count_wrong(self, out, wire_dtype=None) -> int:
+        """Elements of `out` that differ from the exact answer. Sums of the small-integer
+        pattern are exact in every dtype (and through 16-bit compression); averages are
+        allowed the rounding of `wire_dtype` (default: the data's dtype)."""
         import torch
 
+        wire_dtype = wire_dtype or self.dtype
         flat = out.view(-1).to("cpu")
         wrong = 0
         for s in range(0, flat.numel(), VERIFY_CHUNK):
@@ -248,7 +283,7 @@ class Data:
             want = self.expected(s, e).to(self.dtype).to(torch.float64)
             got = flat[s:e].to(torch.float64)
             if self.op == "avg" and COLLECTIVES[self.coll].reduces:
-                tol = torch.finfo(self.dtype).eps * (want.abs() + 1)
+                tol = torch.finfo(wire_dtype).eps * (want.abs() + 1)
                 wrong += int(((got - want).abs() > tol).sum())
             else:
                 wrong += int((got != want).sum())
@@ -266,12 +301,13 @@ def _reduce_op(op: str):
 class Cell:
     """Buffers and the call of one (collective, backend, placement) at one size."""
 
-    def __init__(self, data: Data, group, in_place: bool):
+    def __init__(self, data: Data, group, in_place: bool, compression: str = "none"):
         import torch
         import torch.distributed as dist
 
         d, n, r = data, data.world, data.rank
         self.data = d
+        self.wire_dtype = None if compression == "none" else {"fp16": torch.float16, "bf16": torch.bfloat16}[compression]
         kw = dict(dtype=d.dtype, device=d.device)
         op = _reduce_op(d.op)
         coll = d.coll
@@ -290,7 +326,9 @@ class Cell:
             # all_reduce / broadcast exist in place only; out-of-place copies first.
             self.out = torch.empty(d.count, **kw)
             self.inp = self.out if in_place else torch.empty(d.count, **kw)
-            if coll == "allreduce":
+            if coll == "allreduce" and compression != "none":
+                run = lambda: group.allreduce_compressed(self.out, compression, d.op, async_op=False)  # noqa: E731
+            elif coll == "allreduce":
                 run = lambda: dist.all_reduce(self.out, op=op, group=group)  # noqa: E731
             else:
                 root = dist.get_global_rank(group, 0) if group is not None else 0
@@ -310,7 +348,7 @@ class Cell:
     def verify(self) -> int:
         self.refill()
         self.call()
-        return self.data.count_wrong(self.out)
+        return self.data.count_wrong(self.out, self.wire_dtype)
 
 
 class Progress:
@@ -387,11 +425,13 @@ def run_rank(a: argparse.Namespace) -> int:
         count = nbytes // el
         progress.step(f"{coll} {fmt_size(size)} {placement}")
         data = Data(coll, count, n, rank, dtype, a.op, device)
-        run = {b: Cell(data, groups[b], placement == "in-place") for b in a.backends}
+        variants = [v for v in a.variants if v.runs(coll)]
+        labels = [v.label for v in variants]
+        run = {v.label: Cell(data, groups[v.backend], placement == "in-place", v.compression) for v in variants}
         errors = {}
         # Warm up, and time the warm-up to size the timed blocks.
         warm = []
-        for b in a.backends:
+        for b in labels:
             try:
                 for _ in range(max(1, a.warmup)):
                     run[b].call()
@@ -408,9 +448,9 @@ def run_rank(a: argparse.Namespace) -> int:
         iters = a.iters or max(5, min(1000, math.ceil(a.target_seconds / max(slowest, 1e-6))))
         rounds = min(ROUNDS, iters)
         split = [iters // rounds + (1 if i < iters % rounds else 0) for i in range(rounds)]
-        elapsed = {b: 0.0 for b in a.backends}
+        elapsed = {b: 0.0 for b in labels}
         for i, k in enumerate(split):
-            for b in (a.backends if i % 2 == 0 else a.backends[::-1]):
+            for b in (labels if i % 2 == 0 else labels[::-1]):
                 if b in errors:
                     continue
                 dist.barrier()
@@ -420,18 +460,18 @@ def run_rank(a: argparse.Namespace) -> int:
                 sync()
                 elapsed[b] += time.perf_counter() - t0
         wrong = {}
-        for b in a.backends:
+        for b in labels:
             if b not in errors:
                 try:
                     wrong[b] = run[b].verify()
                 except Exception as exc:  # noqa: BLE001
                     errors[b] = f"{type(exc).__name__}: {exc}"
-        times = agree([elapsed[b] / iters for b in a.backends], dist.ReduceOp.MAX)
-        wrongs = agree([wrong.get(b, 0) for b in a.backends], dist.ReduceOp.SUM)
-        failed = agree([1.0 if b in errors else 0.0 for b in a.backends], dist.ReduceOp.MAX)
+        times = agree([elapsed[b] / iters for b in labels], dist.ReduceOp.MAX)
+        wrongs = agree([wrong.get(b, 0) for b in labels], dist.ReduceOp.SUM)
+        failed = agree([1.0 if b in errors else 0.0 for b in labels], dist.ReduceOp.MAX)
         factor = COLLECTIVES[coll].busbw_factor(n)
-        for b, t, w, f in zip(a.backends, times, wrongs, failed):
-            row = {"backend": b, "collective": coll, "placement": placement, "dtype": a.dtype,
+        for v, b, t, w, f in zip(variants, labels, times, wrongs, failed):
+            row = {"backend": b, "compression": v.compression, "collective": coll, "placement": placement, "dtype": a.dtype,
                    "op": a.op if COLLECTIVES[coll].reduces else "none", "size_bytes": nbytes, "count": count,
                    "nranks": n, "device": a.device, "iters": iters}
             if f:
@@ -501,7 +541,7 @@ def report(rows: List[dict], a: argparse.Namespace, n: int) -> str:
         c = COLLECTIVES[coll]
         op = a.op if c.reduces else "none"
         lines += [
-            f"# {coll}: {n} ranks, {a.device}, {a.dtype}, op {op}; backends {', '.join(a.backends)} "
+            f"# {coll}: {n} ranks, {a.device}, {a.dtype}, op {op}; backends {', '.join(v.label for v in a.variants if v.runs(coll))} "
             f"(ratio = {a.backends[-1]} time / this time)",
             f"# {'':>52}{'out-of-place':^44}   {'in-place':^44}",
             f"# {'size':>10} {'count':>11} {'type':>8} {'redop':>5} {'backend':>10}"
@@ -512,7 +552,7 @@ def report(rows: List[dict], a: argparse.Namespace, n: int) -> str:
             f" {'(us)':>10} {'(GB/s)':>8} {'(GB/s)':>8} {'':>6} {'':>7}",
         ]
         for size in sorted({r["size_bytes"] for r in mine}):
-            for b in a.backends:
+            for b in [v.label for v in a.variants if v.runs(coll)]:
                 cell = {r["placement"]: r for r in mine if r["size_bytes"] == size and r["backend"] == b}
                 any_row = next(iter(cell.values()))
                 lines.append(f"  {size:>10} {any_row['count']:>11} {a.dtype:>8} {op:>5} {b:>10} "

@@ -442,6 +442,25 @@ class RingccProcessGroup(dist.ProcessGroup):
         return self._launch("allreduce", opts, [t], lambda **kw: self._comm.allreduce(buf, op, **kw),
                             _copy_back(t, buf, staged))
 
+    def allreduce_compressed(self, tensor: torch.Tensor, compression: str, op: str = "avg",
+                             async_op: bool = True):
+        """ringcc's own: allreduce a float32 tensor with fp16 or bf16 on the wire and float32
+        accumulation at every step (see ``Communicator.allreduce``). ``op`` is "sum" or
+        "avg". Returns a Work (``wait()``, ``get_future()`` -> ``[tensor]``); the result is
+        written into ``tensor``.
+
+        Unlike casting hooks (torch's ``fp16_compress_hook``), values anywhere in float32's
+        range survive: each block of 256 elements carries its own power-of-two scale."""
+        t = _check_tensor(tensor, "allreduce_compressed")
+        if t.dtype != torch.float32:
+            raise TypeError(f"ringcc allreduce_compressed: rank {self._rank}: needs a float32 tensor, got {t.dtype}")
+        if op not in ("sum", "avg"):
+            raise ValueError(f"ringcc allreduce_compressed: op must be 'sum' or 'avg', got {op!r}")
+        buf, staged = _staged(t)
+        return self._launch("allreduce_compressed", None, [t],
+                            lambda **kw: self._comm.allreduce(buf, op, compression=compression, **kw),
+                            _copy_back(t, buf, staged), async_op=async_op)
+
     def allreduce_coalesced(self, tensors, opts=None):
         opts = _options(_c10d.AllreduceOptions, opts)
         tensors = [_check_tensor(t, "allreduce_coalesced") for t in tensors]

@@ -56,6 +56,8 @@ void ring_reduce_scatter(OpContext& ctx, char* buf, const Partition& part, size_
 void ring_allgather(OpContext& ctx, char* buf, const Partition& part, size_t esize, size_t segment_bytes);
 // Reduce-scatter and allgather fused into one exchange (no per-chunk work between them).
 void ring_allreduce(OpContext& ctx, char* buf, const Partition& part, size_t esize, size_t segment_bytes);
+// float32 allreduce (sum/avg) with d.compression on the wire (compressed.cpp).
+void compressed_allreduce(OpContext& ctx, const OpDesc& d, const Tuning& t, Scratch& s);
 void recursive_doubling_allreduce(OpContext& ctx, char* buf, char* tmp, size_t bytes);
 
 // One entry point per collective; each validates nothing (the communicator did).

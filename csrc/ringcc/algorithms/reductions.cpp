@@ -50,6 +50,7 @@ bool use_recursive_doubling(const OpDesc& d, size_t bytes, const Tuning& t) {
 }  // namespace
 
 void allreduce(OpContext& ctx, const OpDesc& d, const Tuning& t, Scratch& s) {
+  if (d.compression != Compression::kNone) return compressed_allreduce(ctx, d, t, s);
   const int n = ctx.size();
   char* out = static_cast<char*>(d.out);
   WorkBuffer w = prepare(ctx, d, d.in, out, d.count, s, 0);

@@ -3,7 +3,7 @@
 // bandwidth optimum. Chunks are cut into frames of segment_bytes so a receiver reduces
 // frame k while frame k+1 is still in flight, and a frame is passed on as soon as it
 // has arrived, so the steps of a phase overlap.
-#include "ringcc/algorithms/algorithms.h"
+#include "ringcc/algorithms/ring_phase.h"
 
 namespace ringcc::algorithms {
 
@@ -32,60 +32,37 @@ Partition Partition::from_counts(const std::vector<size_t>& counts) {
 
 namespace {
 
-// Appends all n-1 steps of a ring phase to `v`. In step s a rank sends chunk
-// send_chunk(s) to its right and receives chunk recv_chunk(s) from its left; the chunk
-// received in step s is the one sent in step s+1, so each of its segments is forwarded
-// as soon as it has arrived (Transfer::after) rather than when the whole step is done.
-// The first step's sends wait for `first_after` (receive indices by segment; empty:
-// nothing). Returns the last step's receive indices, by segment.
-template <typename SendChunk, typename RecvChunk>
-std::vector<uint32_t> append_ring_phase(OpContext& ctx, std::vector<Transfer>& v, char* buf, const Partition& part,
-                                        size_t esize, size_t segment_bytes, bool reduce, SendChunk send_chunk,
-                                        RecvChunk recv_chunk, std::vector<uint32_t> first_after = {}) {
-  const int n = ctx.size(), r = ctx.rank();
-  const int right = ring_index(r + 1, n), left = ring_index(r - 1, n);
-  std::vector<uint32_t> prev_recv = std::move(first_after), recv;
-  for (int s = 0; s < n - 1; ++s) {
-    const int sc = send_chunk(s), rc = recv_chunk(s);
-    Segments out(part.count[sc], esize, segment_bytes);
-    for (size_t k = 0; k < out.count; ++k) {
-      Transfer t = Transfer::send(right, buf + (part.offset[sc] + out.first(k)) * esize, out.length(k) * esize);
-      if (!prev_recv.empty()) t.after = prev_recv[k] + 1;  // same chunk, same segmentation
-      v.push_back(t);
-    }
-    Segments in(part.count[rc], esize, segment_bytes);
-    recv.clear();
-    for (size_t k = 0; k < in.count; ++k) {
-      char* dst = buf + (part.offset[rc] + in.first(k)) * esize;
-      recv.push_back(static_cast<uint32_t>(v.size()));
-      v.push_back(reduce ? Transfer::recv_reduce(left, dst, in.length(k) * esize, /*incoming_first=*/true)
-                         : Transfer::recv(left, dst, in.length(k) * esize));
-    }
-    prev_recv.swap(recv);
-  }
-  return prev_recv;
-}
+// A plain buffer: chunk c is part's range c, cut into frames of segment_bytes; a
+// reduce-scatter receive folds the incoming partial sum into ours as it streams in.
+struct PlainLayout {
+  char* buf;
+  const Partition& part;
+  size_t esize, segment_bytes;
+  bool reduce;
 
-// Step s of the reduce-scatter: forward the partial sum of chunk r-1-s (our own data at
-// s = 0) and fold the partial sum of chunk r-2-s from the left into ours. After n-1
-// steps chunk r holds the contributions of every rank, accumulated in ring order
-// starting at rank r+1.
+  Segments segs(int c) const { return Segments(part.count[c], esize, segment_bytes); }
+  char* at(int c, size_t k) const { return buf + (part.offset[c] + segs(c).first(k)) * esize; }
+  size_t bytes(int c, size_t k) const { return segs(c).length(k) * esize; }
+  size_t segments(int c) const { return segs(c).count; }
+  Transfer send(int c, size_t k) const { return Transfer::send(-1, at(c, k), bytes(c, k)); }
+  Transfer recv(int, int c, size_t k) const {
+    return reduce ? Transfer::recv_reduce(-1, at(c, k), bytes(c, k), /*incoming_first=*/true)
+                  : Transfer::recv(-1, at(c, k), bytes(c, k));
+  }
+};
+
 std::vector<uint32_t> append_reduce_scatter(OpContext& ctx, std::vector<Transfer>& v, char* buf,
                                             const Partition& part, size_t esize, size_t segment_bytes) {
-  const int n = ctx.size(), r = ctx.rank();
-  return append_ring_phase(ctx, v, buf, part, esize, segment_bytes, /*reduce=*/true,
-                           [&](int s) { return ring_index(r - 1 - s, n); },
-                           [&](int s) { return ring_index(r - 2 - s, n); });
+  PlainLayout layout{buf, part, esize, segment_bytes, /*reduce=*/true};
+  return append_ring_phase(ctx, v, layout, rs_send_chunk, rs_recv_chunk);
 }
 
-// Step s of the allgather: pass on the chunk that arrived in step s-1 (our own, chunk r,
-// at s = 0, which waits for `own_ready` when that chunk is still being reduced).
+// The allgather's first sends wait for `own_ready` when this rank's chunk is still
+// being reduced in the same exchange.
 void append_allgather(OpContext& ctx, std::vector<Transfer>& v, char* buf, const Partition& part, size_t esize,
                       size_t segment_bytes, std::vector<uint32_t> own_ready = {}) {
-  const int n = ctx.size(), r = ctx.rank();
-  append_ring_phase(ctx, v, buf, part, esize, segment_bytes, /*reduce=*/false,
-                    [&](int s) { return ring_index(r - s, n); }, [&](int s) { return ring_index(r - s - 1, n); },
-                    std::move(own_ready));
+  PlainLayout layout{buf, part, esize, segment_bytes, /*reduce=*/false};
+  append_ring_phase(ctx, v, layout, ag_send_chunk, ag_recv_chunk, std::move(own_ready));
 }
 
 }  // namespace

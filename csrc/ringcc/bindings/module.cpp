@@ -91,7 +91,7 @@ std::shared_ptr<Work> queue_op(Communicator& c, Collective kind, DataType dtype,
                                int root, int peer, bool is_send, int64_t tag, uintptr_t in, size_t in_bytes,
                                uintptr_t out, size_t out_bytes, size_t count, std::vector<size_t> counts,
                                std::vector<size_t> recv_counts, double timeout, Algorithm algorithm,
-                               size_t segment_bytes) {
+                               size_t segment_bytes, Compression compression) {
   OpDesc d;
   d.kind = kind;
   d.dtype = dtype;
@@ -111,6 +111,7 @@ std::shared_ptr<Work> queue_op(Communicator& c, Collective kind, DataType dtype,
   d.timeout_seconds = timeout;
   d.algorithm = algorithm;
   d.segment_bytes = segment_bytes;
+  d.compression = compression;
   return (c.*Queue)(std::move(d));
 }
 
@@ -118,7 +119,7 @@ std::shared_ptr<Work> queue_op(Communicator& c, Collective kind, DataType dtype,
   py::arg("kind"), py::arg("dtype"), py::arg("op"), py::arg("root"), py::arg("peer"), py::arg("is_send"), \
       py::arg("tag"), py::arg("in_ptr"), py::arg("in_bytes"), py::arg("out_ptr"), py::arg("out_bytes"),    \
       py::arg("count"), py::arg("counts"), py::arg("recv_counts"), py::arg("timeout"),                     \
-      py::arg("algorithm"), py::arg("segment_bytes")
+      py::arg("algorithm"), py::arg("segment_bytes"), py::arg("compression")
 
 }  // namespace
 
@@ -162,6 +163,10 @@ PYBIND11_MODULE(_C, m) {
       .value("auto", Algorithm::kAuto)
       .value("ring", Algorithm::kRing)
       .value("recursive_doubling", Algorithm::kRecursiveDoubling);
+  py::enum_<Compression>(m, "Compression")
+      .value("none", Compression::kNone)
+      .value("fp16", Compression::kFp16)
+      .value("bf16", Compression::kBf16);
 
   m.def("element_size", [](DataType t) { return element_size(t); });
   // Address, size and writability of a contiguous buffer-protocol object: the cheap way

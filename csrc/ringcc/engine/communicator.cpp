@@ -119,6 +119,17 @@ void Communicator::validate(const OpDesc& d) const {
                    dtype_name(d.dtype), why);
     }
   }
+  if (d.compression != Compression::kNone) {
+    const char* c = compression_name(d.compression);
+    RINGCC_CHECK_ARG(d.kind == Collective::kAllreduce, name, ": rank ", r, ": compression ", c,
+                     " is only available for allreduce");
+    if (d.dtype != DataType::kFloat32)
+      RINGCC_THROW(DtypeError, name, ": rank ", r, ": compression ", c, " needs float32 data, got ",
+                   dtype_name(d.dtype), " (compress gradients before casting them)");
+    if (!d.has_op || (d.op != ReduceOp::kSum && d.op != ReduceOp::kAvg))
+      RINGCC_THROW(DtypeError, name, ": rank ", r, ": compression ", c, " supports op sum or avg, not ",
+                   d.has_op ? reduce_op_name(d.op) : "none");
+  }
   const bool rooted = is_rooted(d.kind);
   if (rooted)
     RINGCC_CHECK_ARG(d.root >= 0 && d.root < n, name, ": root ", d.root, " is out of range for ", n, " ranks");
@@ -201,6 +212,7 @@ OpHeader Communicator::header_for(const OpDesc& d) {
   h.count = d.count;
   const bool rooted = is_rooted(d.kind);
   h.root = rooted ? d.root : -1;
+  h.compression = d.compression;
   switch (d.kind) {
     case Collective::kAllgatherV:
     case Collective::kReduceScatter:

@@ -442,6 +442,7 @@ void Runner::run() {
         }
         if (x.stage != kDone) break;
         ++q.head;
+        if (x.on_done) x.on_done();
         if (feed_) feed_->completed(q.items[q.head - 1]);
       }
       all_done &= q.done();

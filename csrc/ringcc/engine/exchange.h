@@ -12,6 +12,7 @@
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -41,6 +42,10 @@ struct Transfer {
   // send starts; 0: none. Lets a pipelined algorithm forward each segment as soon as it
   // has arrived instead of waiting for a whole step.
   uint32_t after = 0;
+  // Runs on the exchanging thread as soon as this transfer is complete, before any send
+  // that waits for it (`after`) may start: lets an algorithm transform a received
+  // segment (decompress, add, recompress) and forward the result in the same exchange.
+  std::function<void()> on_done;
 
   // Progress state, owned by the exchanger.
   uint8_t stage = 0;

@@ -49,6 +49,7 @@ struct OpDesc {
   double timeout_seconds = -1;  // < 0: the communicator's timeout
   Algorithm algorithm = Algorithm::kAuto;
   size_t segment_bytes = 0;  // 0: the communicator's
+  Compression compression = Compression::kNone;  // allreduce of float32 with op sum/avg only
 };
 
 }  // namespace ringcc

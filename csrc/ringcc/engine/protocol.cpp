@@ -23,6 +23,23 @@ const char* collective_name(Collective c) {
   return "unknown-collective";
 }
 
+const char* compression_name(Compression c) {
+  switch (c) {
+    case Compression::kNone: return "none";
+    case Compression::kFp16: return "fp16";
+    case Compression::kBf16: return "bf16";
+  }
+  return "unknown-compression";
+}
+
+DataType wire_type(Compression c) {
+  switch (c) {
+    case Compression::kFp16: return DataType::kFloat16;
+    case Compression::kBf16: return DataType::kBFloat16;
+    default: return DataType::kFloat32;
+  }
+}
+
 std::string describe(const OpHeader& h) {
   std::ostringstream os;
   os << collective_name(h.kind) << "(seq=" << h.seq;
@@ -32,6 +49,7 @@ std::string describe(const OpHeader& h) {
   }
   if (h.has_op) os << ", op=" << reduce_op_name(h.op);
   if (h.root >= 0) os << ", root=" << h.root;
+  if (h.compression != Compression::kNone) os << ", compression=" << compression_name(h.compression);
   if (h.kind == Collective::kSendRecv) os << ", tag=" << static_cast<int64_t>(h.aux);
   else if (h.aux) os << ", counts-hash=" << std::hex << h.aux << std::dec;
   os << ")";
@@ -50,6 +68,7 @@ std::string differing_fields(const OpHeader& a, const OpHeader& b) {
   if (a.count != b.count) add("count");
   if (a.has_op != b.has_op || (a.has_op && a.op != b.op)) add("op");
   if (a.root != b.root) add("root");
+  if (a.compression != b.compression) add("compression");
   if (a.aux != b.aux) add(a.kind == Collective::kSendRecv ? "tag" : "per-rank counts");
   return out;
 }

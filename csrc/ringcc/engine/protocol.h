@@ -31,6 +31,13 @@ enum class Collective : uint8_t {
 };
 const char* collective_name(Collective c);
 
+// How an allreduce's payload travels (fp32 data only): as is, or in the block-scaled
+// 16-bit format of kernels/cpu/compress.h with fp32 accumulation at every step.
+enum class Compression : uint8_t { kNone = 0, kFp16 = 1, kBf16 = 2 };
+const char* compression_name(Compression c);
+// The 16-bit element type on the wire (kFloat32 for kNone).
+DataType wire_type(Compression c);
+
 // What all participating ranks must agree on for one operation.
 struct OpHeader {
   uint64_t seq = 0;       // collective sequence number (per peer pair for send/recv)
@@ -41,6 +48,7 @@ struct OpHeader {
   DataType dtype = DataType::kUInt8;
   ReduceOp op = ReduceOp::kSum;
   uint8_t has_op = 0;     // 1 when `op` is meaningful
+  Compression compression = Compression::kNone;
   static constexpr uint64_t kNotCompared = ~uint64_t(0);
 };
 
@@ -59,7 +67,7 @@ enum class FrameType : uint8_t {
 enum class AbortKind : uint8_t { kGeneric = 0, kTimeout = 1, kPeer = 2, kMismatch = 3, kUser = 4 };
 
 constexpr uint32_t kFrameMagic = 0x52434346;  // "RCCF"
-constexpr uint16_t kProtocolVersion = 1;
+constexpr uint16_t kProtocolVersion = 2;  // 2: OpHeader::compression
 constexpr size_t kMaxAbortText = 4096;
 
 struct FrameHeader {
