@@ -33,11 +33,19 @@ _register_torch_backend()
 
 
 def __getattr__(name: str):
-    # Trainer needs torch; importing it lazily keeps `import ringcc` NumPy-only.
+    # The torch-based tools load on first use, so `import ringcc` works without torch.
+    if name == "DistributedDataParallel":
+        from .ddp import DistributedDataParallel
+
+        return DistributedDataParallel
     if name == "Trainer":
         from .trainer import Trainer
 
         return Trainer
+    if name in ("ddp", "hooks", "timeline", "trainer"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'ringcc' has no attribute {name!r}")
 
 
@@ -55,6 +63,7 @@ __all__ = [
     "MismatchError",
     "AbortedError",
     "info",
+    "DistributedDataParallel",
     "Trainer",
     "__version__",
 ]
