@@ -51,9 +51,26 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(world2, variant):
     _assert_checks(world2, f"resume/{variant}")
 
 
+def test_default_wrapper_is_ringccs_when_present(world2):
+    assert world2[0]["wrapper"] == ("ringcc" if tr.ringcc_wrapper_available() else "torch")
+
+
+@pytest.mark.xfail(strict=True, reason="ringcc.DistributedDataParallel re-plans its buckets after its first "
+                   "synchronised step and a checkpoint cannot restore the plan yet, so with block-scaled "
+                   "compression a resumed run's first step rounds differently (the same test passes with "
+                   "ringcc.trainer.torch_ddp, whose buckets are planned once)")
+def test_resume_with_ringcc_wrapper_and_compression(world2):
+    if world2[0]["wrapper"] != "ringcc":
+        pytest.skip("ringcc.DistributedDataParallel is not in this tree")
+    _assert_checks(world2, "resume/ringcc_wrapper_fp16_compression")
+
+
 def test_resume_with_error_feedback_residuals(world2):
     if world2[0]["wrapper"] != "ringcc":
         pytest.skip("ringcc.DistributedDataParallel is not in this tree (torch's DDP has no error feedback)")
+    if world2[0]["wrapper_comm_state"] != "yes":
+        pytest.skip("ringcc.DistributedDataParallel has no comm_state_dict() yet: checkpoints cannot hold the "
+                    "error-feedback residuals")
     _assert_checks(world2, "resume/error_feedback")
 
 

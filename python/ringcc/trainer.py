@@ -34,7 +34,11 @@ Checkpoints and resume
     skips the consumed batches of the epoch, so an interrupted run that is resumed
     ends with exactly the parameters and optimizer state of an uninterrupted one (same
     world size, batch settings and thread counts, and a wrapper whose bucket layout
-    does not depend on the step it was created at: see :func:`torch_ddp`). A fresh run seeds torch, NumPy and ``random`` with
+    does not depend on the step it was created at). :func:`torch_ddp` plans its buckets
+    once. ``ringcc.DistributedDataParallel`` re-plans them after its first synchronised
+    step; without compression and with 2 ranks that changes no bit, but with its
+    block-scaled compression (or 3+ ranks) a resumed run's first step rounds differently
+    until the plan can be saved with the checkpoint. A fresh run seeds torch, NumPy and ``random`` with
     ``seed + rank`` (dropout differs between ranks, reproducibly).
 
 Metrics (one dict per epoch, from ``fit()``; a run cut short by ``max_steps`` and a
@@ -454,6 +458,10 @@ class Trainer:
                 self.log(f"resumed from {path}: step {self.global_step}, epoch {self.epoch}, "
                          f"batch {self.batch_in_epoch}")
         self.model = self._wrap()
+        if self.error_feedback and self.checkpoint_dir is not None and \
+                not callable(getattr(self.model, "comm_state_dict", None)):
+            self.log("warning: this wrapper has no comm_state_dict(): checkpoints will not hold the error-feedback "
+                     "residuals, and a resumed run restarts them at zero")
         if mine is not None:
             load = getattr(self.model, "load_comm_state_dict", None)
             if mine.get("comm") is not None:
