@@ -5,12 +5,12 @@ local ranks: ringcc against torch's DDP over gloo, in one run.
     python3 bench/train_throughput.py --model transformer --rounds 4 --json out.json
 
 Variants (each its own copy of the same initial model and its own AdamW):
-  ringcc wrapper, compression none / fp16   ringcc.DistributedDataParallel on a ringcc
-                                            group, when ringcc has it;
-  otherwise torch DDP on a ringcc group     torch's DDP over the "ringcc" backend, fp16 as
-        (none / fp16)                       ringcc's block-scaled compressed allreduce
-                                            (a comm hook, ringcc.trainer.torch_ddp);
-  torch DDP on gloo (the baseline)          torch's DDP with its defaults over gloo.
+  ringcc DDP, none / fp16        ringcc.DistributedDataParallel on a ringcc group (fp16:
+                                 its block-scaled compressed allreduce);
+  torch DDP on ringcc, none      torch's DDP over the "ringcc" backend;
+        (without ringcc's wrapper: torch DDP on ringcc, none / fp16, the fp16 one with
+        ringcc's compressed allreduce as a comm hook, ringcc.trainer.torch_ddp)
+  torch DDP on gloo (baseline)   torch's DDP with its defaults over gloo.
 Every variant trains on the same batches in the same order. Rounds are interleaved
 (A B C, then C B A, ...) so that drift on a shared machine hits all variants alike;
 each timed block starts after a barrier. A step is forward, backward (gradient
@@ -73,7 +73,8 @@ def run_rank(a: argparse.Namespace) -> int:
     if ringcc_wrapper_available():
         from ringcc.ddp import DistributedDataParallel as RingccDDP
 
-        mine = [("ringcc DDP, none", RingccDDP, ringcc_pg, None), ("ringcc DDP, fp16", RingccDDP, ringcc_pg, "fp16")]
+        mine = [("ringcc DDP, none", RingccDDP, ringcc_pg, None), ("ringcc DDP, fp16", RingccDDP, ringcc_pg, "fp16"),
+                ("torch DDP on ringcc, none", plain_torch, ringcc_pg, None)]
     else:
         mine = [("torch DDP on ringcc, none", plain_torch, ringcc_pg, None),
                 ("torch DDP on ringcc, fp16", plain_torch, ringcc_pg, "fp16")]
