@@ -91,8 +91,10 @@ def build(kind: str, init_seed: int = 0, **kw):
         options.update(mixed_precision="bf16", compression="fp16")
     if kind == "adam":  # the wrapper whose buckets are planned once (ringcc.trainer.torch_ddp)
         options.update(wrapper=tr.torch_ddp)
-    if kind == "error_feedback":
+    if kind.startswith("error_feedback"):
         options.update(compression="fp16", error_feedback=True)
+    if kind == "error_feedback":
+        options.update(wrapper=tr.torch_ddp)
     options.update(kw)
     t = ringcc.Trainer(model, opt, dataset(), **options)
     loss.trainer = t
@@ -251,10 +253,11 @@ def main() -> int:
     c.run("loss_and_metrics", lambda: check_loss_and_metrics(args.rank))
     c.run("resume/sgd_accum_steplr_dropout", lambda: check_resume("sgd"))
     c.run("resume/adam_bf16_autocast_fp16_compression", lambda: check_resume("adam"))
+    c.run("resume/fp16_error_feedback", lambda: check_resume("error_feedback"))
     if tr.ringcc_wrapper_available():
         c.run("resume/ringcc_wrapper_fp16_compression", lambda: check_resume("adam_ringcc_wrapper"))
         if c.results["wrapper_comm_state"] == "yes":
-            c.run("resume/error_feedback", lambda: check_resume("error_feedback"))
+            c.run("resume/ringcc_wrapper_error_feedback", lambda: check_resume("error_feedback_ringcc_wrapper"))
     c.run("checkpoint/files", check_checkpoint_files)
     dist.destroy_process_group()
     import json

@@ -46,7 +46,8 @@ def test_loss_decreases_and_metrics_are_sane(world2):
     _assert_checks(world2, "loss_and_metrics")
 
 
-@pytest.mark.parametrize("variant", ["sgd_accum_steplr_dropout", "adam_bf16_autocast_fp16_compression"])
+@pytest.mark.parametrize("variant", ["sgd_accum_steplr_dropout", "adam_bf16_autocast_fp16_compression",
+                                     "fp16_error_feedback"])
 def test_resume_is_bit_identical_to_an_uninterrupted_run(world2, variant):
     _assert_checks(world2, f"resume/{variant}")
 
@@ -65,13 +66,13 @@ def test_resume_with_ringcc_wrapper_and_compression(world2):
     _assert_checks(world2, "resume/ringcc_wrapper_fp16_compression")
 
 
-def test_resume_with_error_feedback_residuals(world2):
+def test_resume_with_ringcc_wrapper_error_feedback_residuals(world2):
     if world2[0]["wrapper"] != "ringcc":
-        pytest.skip("ringcc.DistributedDataParallel is not in this tree (torch's DDP has no error feedback)")
+        pytest.skip("ringcc.DistributedDataParallel is not in this tree")
     if world2[0]["wrapper_comm_state"] != "yes":
-        pytest.skip("ringcc.DistributedDataParallel has no comm_state_dict() yet: checkpoints cannot hold the "
+        pytest.skip("ringcc.DistributedDataParallel has no comm_state_dict() yet: checkpoints cannot hold its "
                     "error-feedback residuals")
-    _assert_checks(world2, "resume/error_feedback")
+    _assert_checks(world2, "resume/ringcc_wrapper_error_feedback")
 
 
 def test_checkpoint_files_are_complete_and_pruned(world2):

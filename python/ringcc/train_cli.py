@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="ringcc", choices=("ringcc", "gloo"),
                    help="torch.distributed backend of the process group (default ringcc)")
     p.add_argument("--wrapper", default=None, choices=("ringcc", "torch"),
-                   help="DDP wrapper: ringcc.DistributedDataParallel or torch's (default: ringcc's when installed)")
+                   help="DDP wrapper: ringcc.DistributedDataParallel, or torch's with ringcc's hooks "
+                        "(ringcc.trainer.torch_ddp); default ringcc's when installed")
     p.add_argument("--model", default="mlp", choices=("mlp", "transformer"))
     p.add_argument("--size", default="small", choices=("small", "large"),
                    help="small: seconds per epoch; large: about 20-25M parameters")
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 3e-3 small, 3e-4 large)")
     p.add_argument("--compression", default="none", choices=("none", "fp16", "bf16"),
                    help="gradient compression on the wire (default none)")
-    p.add_argument("--error-feedback", action="store_true", help="error feedback for compression (ringcc wrapper)")
+    p.add_argument("--error-feedback", action="store_true",
+                   help="carry each bucket's rounding error into the next step (with --compression)")
     p.add_argument("--mixed-precision", default=None, choices=("bf16",), help="torch.autocast bf16 on CPU")
     p.add_argument("--checkpoint-dir", default=None, help="write checkpoints here (atomic, rank 0)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints "
@@ -81,8 +83,6 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         a.wrapper = "ringcc" if ringcc_wrapper_available() else "torch"
     elif a.wrapper == "ringcc" and not ringcc_wrapper_available():
         p.error("--wrapper ringcc: ringcc.DistributedDataParallel is not installed in this ringcc")
-    if a.error_feedback and a.wrapper != "ringcc":
-        p.error("--error-feedback needs ringcc.DistributedDataParallel (torch's DDP has no error feedback)")
 
 
 # ---------------------------------------------------------------------- one rank

@@ -127,49 +127,48 @@ class _CommTimer:
         return busy
 
 
-def _ringcc_compressed_hook(compression: str, fallback: Callable) -> Callable:
-    """A DDP comm hook averaging a float32 bucket with ringcc's compressed allreduce
-    (16-bit block-scaled values on the wire, float32 accumulation at every hop)."""
-
-    def hook(group, bucket):
-        buf = bucket.buffer()
-        if buf.dtype != torch.float32:
-            return fallback(group, bucket)
-        pg = group if group is not None else dist.group.WORLD
-        return pg.allreduce_compressed(buf, compression, "avg").get_future().then(lambda f: f.value()[0])
-
-    return hook
-
-
 def torch_ddp(module: torch.nn.Module, *, compression: Optional[str] = None, error_feedback: bool = False,
               process_group=None, fixed_buckets: bool = True) -> torch.nn.Module:
     """``torch.nn.parallel.DistributedDataParallel`` with a timing comm hook (for
-    ``comm_overlapped_s``). ``compression`` ("fp16"/"bf16"): on a ringcc process group,
-    ringcc's compressed allreduce (block-scaled 16-bit wire format, float32 sums); on
-    another backend, torch's casting ``fp16_compress_hook`` / ``bf16_compress_hook``.
-    Neither keeps error-feedback residuals, so ``error_feedback=True`` is refused.
+    ``comm_overlapped_s``). ``compression`` ("fp16"/"bf16") uses ``ringcc.hooks``:
+    ringcc's block-scaled compressed allreduce on a ringcc group, a cast to 16 bits
+    elsewhere; ``error_feedback=True`` keeps a residual per bucket
+    (``ringcc.hooks.ErrorFeedbackState``), which ``comm_state_dict()`` /
+    ``load_comm_state_dict()`` save and restore.
 
     ``fixed_buckets``: torch's DDP normally puts every gradient in one bucket for its
     first step and re-plans the buckets after it. A resumed run's first step would then
     exchange another layout than the uninterrupted run's same step, and the layout
     decides which rank sums which elements in which order (and, with block-scaled
-    compression, which values share a scale): the last bits differ. With
-    ``find_unused_parameters=True`` torch plans the buckets once, by size, and never
-    re-plans them, at the cost of one walk over the autograd graph per forward."""
+    compression, which values share a scale; with error feedback, which residual is
+    whose): the last bits differ. With ``find_unused_parameters=True`` torch plans the
+    buckets once, by size, and never re-plans them, at the cost of one walk over the
+    autograd graph and one small allreduce per step (and a warning from torch on the
+    first step that no parameter was unused)."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel
 
-    from .torch_backend import RingccProcessGroup
+    from . import hooks
 
-    if error_feedback:
-        raise ValueError("error_feedback=True needs ringcc.DistributedDataParallel; torch's DDP has no error "
-                         "feedback for its compression hooks")
-    base = {None: default_hooks.allreduce_hook, "fp16": default_hooks.fp16_compress_hook,
-            "bf16": default_hooks.bf16_compress_hook}[compression]
-    pg = process_group if process_group is not None else dist.group.WORLD
-    if compression is not None and isinstance(pg, RingccProcessGroup):
-        base = _ringcc_compressed_hook(compression, base)
-    ddp = DistributedDataParallel(module, process_group=process_group, find_unused_parameters=fixed_buckets)
+    class TorchDDP(DistributedDataParallel):
+        """torch's DDP plus the comm timer and the error-feedback state of this factory."""
+
+        def comm_state_dict(self) -> dict:
+            ef = self._ringcc_error_feedback
+            return {"residuals": {i: r.clone() for i, r in ef.residuals.items()}} if ef is not None else {}
+
+        def load_comm_state_dict(self, d: dict) -> None:
+            ef = self._ringcc_error_feedback
+            if ef is not None:
+                ef.residuals = {int(i): r.clone() for i, r in d.get("residuals", {}).items()}
+
+    if error_feedback and compression is None:
+        raise ValueError("error_feedback=True needs compression='fp16' or 'bf16'")
+    ef = hooks.ErrorFeedbackState(process_group) if error_feedback else None
+    state = ef if ef is not None else process_group
+    base = {None: default_hooks.allreduce_hook, "fp16": hooks.fp16_compress_hook,
+            "bf16": hooks.bf16_compress_hook}[compression]
+    ddp = TorchDDP(module, process_group=process_group, find_unused_parameters=fixed_buckets)
     timer = _CommTimer()
 
     def timed_hook(state, bucket):
@@ -181,8 +180,9 @@ def torch_ddp(module: torch.nn.Module, *, compression: Optional[str] = None, err
 
         return base(state, bucket).then(done)
 
-    ddp.register_comm_hook(process_group, timed_hook)
+    ddp.register_comm_hook(state, timed_hook)
     ddp._ringcc_comm_timer = timer
+    ddp._ringcc_error_feedback = ef
     return ddp
 
 
