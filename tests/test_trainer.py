@@ -162,8 +162,11 @@ def test_cli_trains_checkpoints_refuses_a_used_directory_and_resumes(tmp_path):
     (["--error-feedback"], "--error-feedback needs --compression"),
     (["--nproc", "0"], "--nproc must be >= 1"),
     (["--checkpoint-every", "5"], "--checkpoint-every needs --checkpoint-dir"),
+    (["--backend", "gloo", "--compression", "fp16", "--wrapper", "ringcc"], "ringcc groups only"),
 ])
 def test_cli_refuses_bad_arguments_with_a_reason(argv, needle, capsys):
+    if "--wrapper" in argv and not tr.ringcc_wrapper_available():
+        pytest.skip("ringcc.DistributedDataParallel is not in this tree")
     p = train_cli.build_parser()
     with pytest.raises(SystemExit) as exc:
         train_cli.check_args(p, p.parse_args(argv))

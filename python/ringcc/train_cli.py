@@ -83,6 +83,9 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         a.wrapper = "ringcc" if ringcc_wrapper_available() else "torch"
     elif a.wrapper == "ringcc" and not ringcc_wrapper_available():
         p.error("--wrapper ringcc: ringcc.DistributedDataParallel is not installed in this ringcc")
+    if a.wrapper == "ringcc" and a.backend != "ringcc" and a.compression != "none":
+        p.error(f"--compression with --backend {a.backend}: ringcc's wrapper compresses on ringcc groups only; "
+                "use --backend ringcc, or --wrapper torch (a cast to 16 bits on other backends)")
 
 
 # ---------------------------------------------------------------------- one rank
