@@ -19,9 +19,12 @@ job may run on different machines).
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
-from typing import TYPE_CHECKING, List, Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import numpy as np
 
 from ._native import _C
 
@@ -45,10 +48,16 @@ _WIRE = {"fp16": _C.DataType.float16, "bf16": _C.DataType.bfloat16}
 COMPRESSIONS = tuple(_WIRE)
 
 
-def _torch():
-    import torch
+_torch_module = None
 
-    return torch
+
+def _torch():
+    global _torch_module
+    if _torch_module is None:
+        import torch
+
+        _torch_module = torch
+    return _torch_module
 
 
 # ---- validation ---------------------------------------------------------------------
@@ -62,6 +71,8 @@ def _wire_type(compression) -> "_C.DataType":
 
 
 def _count(numel, what: str = "numel") -> int:
+    if type(numel) is int and numel >= 0:  # the common case, without the ABC checks
+        return numel
     if isinstance(numel, bool) or not isinstance(numel, numbers.Integral):
         raise TypeError(f"{what} must be an int, got {type(numel).__name__}")
     if numel < 0:
@@ -69,18 +80,19 @@ def _count(numel, what: str = "numel") -> int:
     return int(numel)
 
 
+# Checks are ordered and written for speed (is_cpu, not device.type): pack() runs them
+# for every tensor of a bucket, and they cost more than copying a small tensor.
 def _tensor(t, what: str, dtype=None) -> "torch.Tensor":
-    torch = _torch()
-    if not isinstance(t, torch.Tensor):
+    if not isinstance(t, _torch().Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
     if dtype is not None and t.dtype != dtype:
         raise TypeError(f"{what} must have dtype {dtype}, got {t.dtype}")
-    if t.device.type != "cpu":
+    if not t.is_cpu:
         raise ValueError(f"{what} must be on the CPU, got device {t.device}")
     if not t.is_contiguous():
         raise ValueError(f"{what} must be contiguous (call .contiguous() first)")
-    if t.is_conj() or t.is_neg():
-        raise ValueError(f"{what} is a lazy conjugate/negative view; call .resolve_conj() / .resolve_neg()")
+    if t.is_complex() and t.is_conj():
+        raise ValueError(f"{what} is a lazy conjugate view; call .resolve_conj() first")
     return t
 
 
@@ -117,7 +129,7 @@ def compress(x: "torch.Tensor", compression: str, prescale: float = 1.0, *,
     torch = _torch()
     wire_type = _wire_type(compression)
     x = _tensor(x, "x", torch.float32)
-    if isinstance(prescale, bool) or not isinstance(prescale, numbers.Real):
+    if type(prescale) is not float and (isinstance(prescale, bool) or not isinstance(prescale, numbers.Real)):
         raise TypeError(f"prescale must be a real number, got {type(prescale).__name__}")
     if not math.isfinite(prescale):
         raise ValueError(f"prescale must be finite, got {prescale}")
@@ -192,27 +204,47 @@ def round_trip(x: "torch.Tensor", compression: str) -> "torch.Tensor":
 
 
 def _pieces(tensors, what: str) -> tuple:
-    """Validated tensors of one dtype, with their byte offsets and sizes in the flat buffer."""
+    """Validate `tensors` (one dtype, CPU, contiguous). Returns (dtype, data pointers,
+    byte offsets in the flat buffer, byte sizes, total numel)."""
     torch = _torch()
-    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence):
+    if not isinstance(tensors, (list, tuple)):
         raise TypeError(f"{what} must be a list or tuple of tensors, got {type(tensors).__name__}")
     if len(tensors) == 0:
         raise ValueError(f"{what} is empty")
-    dtype = None
-    offsets: List[int] = []
-    nbytes: List[int] = []
-    total = 0
-    for i, t in enumerate(tensors):
-        t = _tensor(t, f"{what}[{i}]")
-        if dtype is None:
-            dtype = t.dtype
-        elif t.dtype != dtype:
-            raise TypeError(f"{what}[{i}] has dtype {t.dtype}, but {what}[0] has {dtype} (all must match)")
-        size = t.numel() * t.element_size()
-        offsets.append(total)
-        nbytes.append(size)
-        total += size
-    return dtype, offsets, nbytes, total // tensors[0].element_size()
+    Tensor = torch.Tensor
+    dtype = getattr(tensors[0], "dtype", None)
+    # A bucket may hold thousands of small tensors: one pass of cheap checks, and only
+    # when it fails the slow loop that finds and names the culprit.
+    if not all(isinstance(t, Tensor) and t.dtype == dtype and t.is_cpu and t.is_contiguous()
+               and not (t.is_complex() and t.is_conj()) for t in tensors):
+        for i, t in enumerate(tensors):
+            _tensor(t, f"{what}[{i}]")
+            if t.dtype != dtype:
+                raise TypeError(f"{what}[{i}] has dtype {t.dtype}, but {what}[0] has {dtype} (all must match)")
+    ptrs = [t.data_ptr() for t in tensors]
+    nbytes = [t.nbytes for t in tensors]
+    offsets = list(itertools.accumulate(nbytes, initial=0))
+    total = offsets.pop()
+    return dtype, ptrs, offsets, nbytes, total // tensors[0].element_size()
+
+
+def _check_pieces_disjoint(ptrs, nbytes, flat, flat_what: str, what: str, each_other: bool) -> None:
+    """No piece overlaps `flat`; with each_other, no two pieces overlap (unpack writes them)."""
+    p = np.asarray(ptrs, dtype=np.uint64)
+    end = p + np.asarray(nbytes, dtype=np.uint64)
+    live = end > p  # empty pieces touch nothing
+    f0, f1 = _span(flat)
+    hit = np.flatnonzero(live & (p < f1) & (f0 < end))
+    if f0 < f1 and hit.size:
+        raise ValueError(f"{what}[{hit[0]}] and {flat_what} overlap in memory")
+    if each_other:
+        idx = np.flatnonzero(live)
+        idx = idx[np.argsort(p[idx], kind="stable")]
+        # Sorted by start, any overlap shows up between neighbours.
+        bad = np.flatnonzero(p[idx[1:]] < end[idx[:-1]])
+        if bad.size:
+            i, j = sorted((int(idx[bad[0]]), int(idx[bad[0] + 1])))
+            raise ValueError(f"{what}[{i}] and {what}[{j}] overlap in memory")
 
 
 def _check_flat(flat, what: str, dtype, numel: int) -> "torch.Tensor":
@@ -231,14 +263,13 @@ def pack(tensors: Sequence["torch.Tensor"], out: Optional["torch.Tensor"] = None
     and total numel, not overlapping any of them).
     """
     torch = _torch()
-    dtype, offsets, nbytes, numel = _pieces(tensors, "tensors")
+    dtype, ptrs, offsets, nbytes, numel = _pieces(tensors, "tensors")
     if out is None:
         out = torch.empty(numel, dtype=dtype)
     else:
         out = _check_flat(out, "out", dtype, numel)
-        for i, t in enumerate(tensors):
-            _check_disjoint(t, f"tensors[{i}]", out, "out")
-    _C._pack(out.data_ptr(), [t.data_ptr() for t in tensors], offsets, nbytes)
+        _check_pieces_disjoint(ptrs, nbytes, out, "out", "tensors", each_other=False)
+    _C._pack(out.data_ptr(), ptrs, offsets, nbytes)
     return out
 
 
@@ -247,17 +278,8 @@ def unpack(flat: "torch.Tensor", tensors: Sequence["torch.Tensor"]) -> Sequence[
     `tensors` (shapes kept). The tensors must not overlap `flat` or each other. Returns
     `tensors`.
     """
-    dtype, offsets, nbytes, numel = _pieces(tensors, "tensors")
+    dtype, ptrs, offsets, nbytes, numel = _pieces(tensors, "tensors")
     flat = _check_flat(flat, "flat", dtype, numel)
-    spans = []
-    for i, t in enumerate(tensors):
-        _check_disjoint(t, f"tensors[{i}]", flat, "flat")
-        start, end = _span(t)
-        if start < end:
-            spans.append((start, end, i))
-    spans.sort()
-    for (_, prev_end, i), (start, _, j) in zip(spans, spans[1:]):
-        if start < prev_end:
-            raise ValueError(f"tensors[{min(i, j)}] and tensors[{max(i, j)}] overlap in memory")
-    _C._unpack(flat.data_ptr(), [t.data_ptr() for t in tensors], offsets, nbytes)
+    _check_pieces_disjoint(ptrs, nbytes, flat, "flat", "tensors", each_other=True)
+    _C._unpack(flat.data_ptr(), ptrs, offsets, nbytes)
     return tensors
