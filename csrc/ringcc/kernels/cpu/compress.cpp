@@ -107,7 +107,8 @@ void check_pieces(const char* fn, const void* flat, const void* const* ptrs, con
 }  // namespace
 
 // One memcpy per piece: memcpy is already vectorized, and the pieces of a bucket are
-// large enough that the loop itself costs nothing.
+// large enough that the loop itself costs nothing. No threads: splitting the pieces over
+// two threads was slower on the 2-core VM measured (bench/results/compress_kernels_cpu.md).
 void pack(void* flat, const void* const* srcs, const size_t* offsets, const size_t* bytes, size_t n) {
   if (n == 0) return;
   check_pieces("pack", flat, srcs, offsets, bytes, n);
