@@ -38,7 +38,7 @@ def __getattr__(name: str):
         from .ddp import DistributedDataParallel
 
         return DistributedDataParallel
-    if name in ("ddp", "hooks", "timeline"):
+    if name in ("ddp", "hooks", "timeline", "kernels"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)

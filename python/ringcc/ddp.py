@@ -26,22 +26,15 @@ import torch.distributed as dist
 from torch import nn
 
 from . import hooks as _hooks
+from . import kernels as _kernels
 from .timeline import Timeline
 
 _MB = 1024 * 1024
 
 
-def _kernel_pack() -> Optional[Callable[..., Any]]:
-    return _hooks._kernel("pack")
-
-
 def _pack(tensors: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
-    """Copy ``tensors`` end to end into 1-D ``flat`` (one call either way)."""
-    native = _kernel_pack()
-    if native is not None:
-        native(list(tensors), out=flat)
-    else:
-        torch.cat([t.reshape(-1) for t in tensors], out=flat)
+    """Copy ``tensors`` end to end into 1-D ``flat``: one native call."""
+    _kernels.pack(tensors, out=flat)
 
 
 # --------------------------------------------------------------------------- strategy
