@@ -44,11 +44,6 @@ def is_ringcc_group(group: Any) -> bool:
     return isinstance(group, RingccProcessGroup)
 
 
-def native_compression_available(group: Any) -> bool:
-    """Whether ``group`` offers ringcc's native compressed allreduce."""
-    return is_ringcc_group(group) and callable(getattr(group, "allreduce_compressed", None))
-
-
 def wire_dtype(compression: str) -> torch.dtype:
     try:
         return _WIRE[compression]
@@ -85,7 +80,7 @@ def compressed_allreduce(buffer: torch.Tensor, compression: str, group: Any = No
     cast fallback described in the module docstring."""
     group = _default_group() if group is None else group
     dtype = wire_dtype(compression)
-    if buffer.dtype == torch.float32 and native_compression_available(group):
+    if buffer.dtype == torch.float32 and is_ringcc_group(group):
         work = group.allreduce_compressed(buffer, compression, op="avg", async_op=True)
         return work.get_future().then(lambda fut: _value_into(buffer, fut.value()))
     # Fallback: divide in full precision first, so the 16-bit sum cannot overflow from
@@ -127,7 +122,7 @@ def _hook(state: Any, bucket: Any, compression: str) -> torch.futures.Future:
     group = state.group() if isinstance(state, ErrorFeedbackState) else state
     group = _default_group() if group is None else group
     if isinstance(state, ErrorFeedbackState):
-        native = buffer.dtype == torch.float32 and native_compression_available(group)
+        native = buffer.dtype == torch.float32 and is_ringcc_group(group)
         error_feedback_(buffer, state.residual(bucket.index(), buffer), compression, native)
     return compressed_allreduce(buffer, compression, group)
 
