@@ -5,9 +5,6 @@ does: one launch per world size (2 and 3) runs every check on a "ringcc" default
 (gloo group alongside for the fallbacks) and reports each check's outcome; the tests
 below assert on those reports, by topic. Training results are compared with a plain
 single-process model trained on the concatenated batch.
-
-The compressed checks need RingccProcessGroup.allreduce_compressed (landing on main);
-they report a skip, with that reason, in a build without it.
 """
 
 from __future__ import annotations
@@ -125,6 +122,10 @@ def test_compressed_training_close_to_fp32(results, compression):
 
 def test_error_feedback_changes_results(results):
     _check(results, "compress/error_feedback")
+
+
+def test_resume_from_comm_state_is_bit_identical(results):
+    _check(results, "compress/resume_from_comm_state")
 
 
 @pytest.mark.parametrize("compression", ["fp16", "bf16"])

@@ -26,22 +26,15 @@ import torch.distributed as dist
 from torch import nn
 
 from . import hooks as _hooks
+from . import kernels as _kernels
 from .timeline import Timeline
 
 _MB = 1024 * 1024
 
 
-def _kernel_pack() -> Optional[Callable[..., Any]]:
-    return _hooks._kernel("pack")
-
-
 def _pack(tensors: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
-    """Copy ``tensors`` end to end into 1-D ``flat`` (one call either way)."""
-    native = _kernel_pack()
-    if native is not None:
-        native(list(tensors), out=flat)
-    else:
-        torch.cat([t.reshape(-1) for t in tensors], out=flat)
+    """Copy ``tensors`` end to end into 1-D ``flat``: one native call."""
+    _kernels.pack(tensors, out=flat)
 
 
 # --------------------------------------------------------------------------- strategy
@@ -53,6 +46,8 @@ class RingStrategy:
     The seam for other strategies: ``allreduce_bucket(flat, bucket_index)`` starts the
     averaging of ``flat`` in place and returns an object with ``wait()`` and
     ``get_future()`` (a torch Work); it is called in the same bucket order on every rank.
+    Optionally ``state_dict()`` / ``load_state_dict(state, bucket_sizes)`` carry state
+    that checkpoints must keep (here: error-feedback residuals).
     """
 
     name = "ring"
@@ -72,6 +67,19 @@ class RingStrategy:
                 r = self._residuals[bucket_index] = torch.zeros_like(flat)
             _hooks.error_feedback_(flat, r, self.compression)
         return self.group.allreduce_compressed(flat, self.compression, op="avg", async_op=True)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """This rank's error-feedback residuals, by bucket index."""
+        return {"residuals": {k: r.detach().clone() for k, r in self._residuals.items()}}
+
+    def load_state_dict(self, state: Dict[str, Any], bucket_sizes: Sequence[int]) -> None:
+        for k, r in state.get("residuals", {}).items():
+            k = int(k)
+            if k >= len(bucket_sizes) or r.numel() != bucket_sizes[k]:
+                raise ValueError(f"ringcc.DistributedDataParallel: the saved residual of bucket {k} has {r.numel()} "
+                                 f"elements, which does not fit the bucket plan (same bucket_cap_mb and "
+                                 f"first_bucket_mb as when it was saved?)")
+            self._residuals[k] = r.detach().clone().to(torch.float32)
 
 
 def make_strategy(strategy: Any, group: Any, compression: Optional[str], error_feedback: bool) -> Any:
@@ -266,9 +274,6 @@ class DistributedDataParallel(nn.Module):
                 raise ValueError(f"ringcc.DistributedDataParallel: compression={compression!r} needs a ringcc process "
                                  f"group (dist.init_process_group('ringcc') or dist.new_group(backend='ringcc')); "
                                  f"got {type(group).__name__}")
-            if not _hooks.native_compression_available(group):
-                raise NotImplementedError("ringcc.DistributedDataParallel: this ringcc build has no "
-                                          "RingccProcessGroup.allreduce_compressed (compressed allreduce)")
             bad = [n for n, p in named if p.requires_grad and p.dtype != torch.float32]
             if bad:
                 raise ValueError(f"ringcc.DistributedDataParallel: compression handles float32 gradients only; "
@@ -371,6 +376,38 @@ class DistributedDataParallel(nn.Module):
         for b in self._buckets:
             for i in b.params:
                 self._where[i] = b
+
+    # ------------------------------------------------------------------ checkpoints
+    def comm_state_dict(self) -> Dict[str, Any]:
+        """What a checkpoint needs, besides the model and optimizer, for a resumed run to
+        continue bit for bit: the bucket plan (it decides where compression blocks fall
+        and the order of the reductions) and this rank's error-feedback residuals.
+        Per rank: residuals differ between ranks."""
+        strategy = getattr(self._strategy, "state_dict", None)
+        return {
+            "bucket_order": [self._names[i] for b in self._buckets for i in b.params],
+            "buckets_rebuilt": self.buckets_rebuilt,
+            "strategy": strategy() if strategy is not None else {},
+        }
+
+    def load_comm_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore what ``comm_state_dict()`` saved (same model, same bucket caps)."""
+        where = {n: i for i, n in enumerate(self._names)}
+        names = list(state["bucket_order"])
+        if sorted(names) != sorted(self._names):
+            missing = sorted(set(self._names) - set(names))
+            extra = sorted(set(names) - set(self._names))
+            raise ValueError(f"ringcc.DistributedDataParallel.load_comm_state_dict: rank {self.rank}: the saved "
+                             f"bucket plan is for other parameters (missing {missing}, unknown {extra})")
+        self._build_buckets([where[n] for n in names])
+        self.buckets_rebuilt = bool(state["buckets_rebuilt"])
+        saved = state.get("strategy") or {}
+        if saved:
+            load = getattr(self._strategy, "load_state_dict", None)
+            if load is None:
+                raise ValueError("ringcc.DistributedDataParallel.load_comm_state_dict: the checkpoint holds strategy "
+                                 "state but this wrapper's strategy keeps none")
+            load(saved, [b.flat.numel() for b in self._buckets])
 
     # ------------------------------------------------------------------ public API
     def forward(self, *args: Any, **kwargs: Any) -> Any:

@@ -12,8 +12,7 @@ On a ringcc group the bucket goes through the native compressed allreduce,
 ``RingccProcessGroup.allreduce_compressed(buffer, "fp16"|"bf16", op="avg")``: block-
 scaled 16-bit values on the wire, fp32 accumulation, so only the wire rounding is lost.
 
-On any other group (gloo, ...) -- and on a ringcc build that does not have
-``allreduce_compressed`` yet -- the hooks fall back to what torch's own compress hooks
+On any other group (gloo, ...) the hooks fall back to what torch's own compress hooks
 do: scale the fp32 bucket by 1/world first, cast it to fp16/bf16, allreduce (sum) the
 16-bit tensor, cast back. That path also rounds every partial sum to 16 bits and fp16
 can overflow/underflow for gradients outside its range, so expect larger errors there.
@@ -24,11 +23,12 @@ The same hooks also work with ``ringcc.DistributedDataParallel.register_comm_hoo
 # No ``from __future__ import annotations``: torch's register_comm_hook compares the
 # hook's annotations with the real dist.GradBucket / Future[Tensor] objects.
 
-import functools
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
 import torch.distributed as dist
+
+from . import kernels as _kernels
 
 _WIRE = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -44,11 +44,6 @@ def is_ringcc_group(group: Any) -> bool:
     return isinstance(group, RingccProcessGroup)
 
 
-def native_compression_available(group: Any) -> bool:
-    """Whether ``group`` offers ringcc's native compressed allreduce."""
-    return is_ringcc_group(group) and callable(getattr(group, "allreduce_compressed", None))
-
-
 def wire_dtype(compression: str) -> torch.dtype:
     try:
         return _WIRE[compression]
@@ -56,25 +51,13 @@ def wire_dtype(compression: str) -> torch.dtype:
         raise ValueError(f"ringcc: compression must be one of {sorted(_WIRE)}, got {compression!r}") from None
 
 
-@functools.lru_cache(maxsize=None)  # a failed import is retried on every call otherwise
-def _kernel(name: str) -> Any:
-    """``ringcc.kernels.<name>`` when that module exists, else None."""
-    try:
-        from . import kernels  # type: ignore[attr-defined]  # native kernels, when built
-    except ImportError:
-        return None
-    return getattr(kernels, name, None)
-
-
-def error_feedback_(x: torch.Tensor, residual: torch.Tensor, compression: str) -> None:
+def error_feedback_(x: torch.Tensor, residual: torch.Tensor, compression: str, native: bool = True) -> None:
     """In place: y = x + residual; x <- what the wire carries of y; residual <- y - x.
 
-    Uses ``ringcc.kernels.error_feedback`` (the block-scaled wire format) when the
-    kernels are present; otherwise a plain cast round trip to fp16/bf16, which is what
-    the fallback allreduce puts on the wire (without the block scaling)."""
-    native = _kernel("error_feedback")
-    if native is not None:
-        native(x, residual, compression)
+    ``native``: the wire is ringcc's block-scaled format (``ringcc.kernels.error_feedback``,
+    one pass); otherwise a plain cast to fp16/bf16, what the fallback allreduce sends."""
+    if native:
+        _kernels.error_feedback(x, residual, compression)
         return
     with torch.no_grad():
         y = x.add_(residual)  # x now holds y
@@ -97,7 +80,7 @@ def compressed_allreduce(buffer: torch.Tensor, compression: str, group: Any = No
     cast fallback described in the module docstring."""
     group = _default_group() if group is None else group
     dtype = wire_dtype(compression)
-    if buffer.dtype == torch.float32 and native_compression_available(group):
+    if buffer.dtype == torch.float32 and is_ringcc_group(group):
         work = group.allreduce_compressed(buffer, compression, op="avg", async_op=True)
         return work.get_future().then(lambda fut: _value_into(buffer, fut.value()))
     # Fallback: divide in full precision first, so the 16-bit sum cannot overflow from
@@ -136,11 +119,11 @@ class ErrorFeedbackState:
 
 def _hook(state: Any, bucket: Any, compression: str) -> torch.futures.Future:
     buffer = bucket.buffer()
+    group = state.group() if isinstance(state, ErrorFeedbackState) else state
+    group = _default_group() if group is None else group
     if isinstance(state, ErrorFeedbackState):
-        error_feedback_(buffer, state.residual(bucket.index(), buffer), compression)
-        group: Optional[Any] = state.group()
-    else:
-        group = state
+        native = buffer.dtype == torch.float32 and is_ringcc_group(group)
+        error_feedback_(buffer, state.residual(bucket.index(), buffer), compression, native)
     return compressed_allreduce(buffer, compression, group)
 
 

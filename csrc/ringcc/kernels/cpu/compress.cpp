@@ -88,31 +88,40 @@ void round_trip(float* x, size_t count, DataType wire_type) {
   active_compress_table().round_trip(x, count, wire_type);
 }
 
-// One memcpy per piece: memcpy is already vectorized, and the pieces of a bucket are
-// large enough that the loop itself costs nothing.
-void pack(void* flat, const void* const* srcs, const size_t* offsets, const size_t* bytes, size_t n) {
-  if (n == 0) return;
-  check_ptr("pack", "flat", flat);
-  check_ptr("pack", "piece arrays", srcs);
-  check_ptr("pack", "piece arrays", offsets);
-  check_ptr("pack", "piece arrays", bytes);
+namespace {
+
+// Null pointers are fine for empty pieces (an empty tensor may have no storage); all
+// pieces are checked before anything is copied.
+void check_pieces(const char* fn, const void* flat, const void* const* ptrs, const size_t* offsets,
+                  const size_t* bytes, size_t n) {
+  check_ptr(fn, "pointer list", ptrs);
+  check_ptr(fn, "offset list", offsets);
+  check_ptr(fn, "byte-count list", bytes);
   for (size_t i = 0; i < n; ++i) {
     if (bytes[i] == 0) continue;
-    if (srcs[i] == nullptr) RINGCC_THROW(std::invalid_argument, "pack: source ", i, " is null");
-    std::memcpy(static_cast<uint8_t*>(flat) + offsets[i], srcs[i], bytes[i]);
+    check_ptr(fn, "flat", flat);
+    if (ptrs[i] == nullptr) RINGCC_THROW(std::invalid_argument, fn, ": piece ", i, " is null");
+  }
+}
+
+}  // namespace
+
+// One memcpy per piece: memcpy is already vectorized, and the pieces of a bucket are
+// large enough that the loop itself costs nothing. No threads: splitting the pieces over
+// two threads was slower on the 2-core VM measured (bench/results/compress_kernels_cpu.md).
+void pack(void* flat, const void* const* srcs, const size_t* offsets, const size_t* bytes, size_t n) {
+  if (n == 0) return;
+  check_pieces("pack", flat, srcs, offsets, bytes, n);
+  for (size_t i = 0; i < n; ++i) {
+    if (bytes[i] != 0) std::memcpy(static_cast<uint8_t*>(flat) + offsets[i], srcs[i], bytes[i]);
   }
 }
 
 void unpack(void* const* dsts, const void* flat, const size_t* offsets, const size_t* bytes, size_t n) {
   if (n == 0) return;
-  check_ptr("unpack", "flat", flat);
-  check_ptr("unpack", "piece arrays", dsts);
-  check_ptr("unpack", "piece arrays", offsets);
-  check_ptr("unpack", "piece arrays", bytes);
+  check_pieces("unpack", flat, dsts, offsets, bytes, n);
   for (size_t i = 0; i < n; ++i) {
-    if (bytes[i] == 0) continue;
-    if (dsts[i] == nullptr) RINGCC_THROW(std::invalid_argument, "unpack: destination ", i, " is null");
-    std::memcpy(dsts[i], static_cast<const uint8_t*>(flat) + offsets[i], bytes[i]);
+    if (bytes[i] != 0) std::memcpy(dsts[i], static_cast<const uint8_t*>(flat) + offsets[i], bytes[i]);
   }
 }
 

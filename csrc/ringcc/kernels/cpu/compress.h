@@ -13,10 +13,17 @@
 // 2^-11 (float16) or 2^-8 (bfloat16) of the block's largest magnitude, and values far
 // outside float16's range (1e-6 .. 1e6 and beyond) neither overflow nor flush to zero.
 // A block containing inf or NaN gets scale 1, so they pass through unchanged; an all-
-// zero block gets scale 1.
+// zero block gets scale 1. (The finite values of an inf/NaN block are then converted
+// unscaled, so with float16 they may overflow or flush like a plain conversion.)
+// Like a plain conversion to bfloat16, a finite value within half a 16-bit ulp of
+// FLT_MAX rounds up to 2^128 and decodes as inf.
 //
 // The same encoding serves float16 and bfloat16 (for bfloat16 the scale changes nothing
-// but keeps one code path). Every function dispatches at run time like kernels.h.
+// but keeps one code path). Every function dispatches at run time like kernels.h, and the
+// wire bytes are identical at every SIMD level (ranks may run on different CPUs).
+//
+// Bad arguments throw std::invalid_argument: an unsupported wire_type, a null pointer
+// with count > 0, buffers that overlap where the comments below forbid it.
 #pragma once
 
 #include <cstddef>
@@ -35,7 +42,7 @@ inline size_t compressed_bytes(size_t count) {
 
 // wire <- encode(in[i] * prescale). The prescale multiply happens in fp32 before the
 // block scale is chosen. `wire_type` is kFloat16 or kBFloat16 (std::invalid_argument
-// otherwise). `in` and `wire` must not overlap.
+// otherwise). `in` and `wire` must not overlap. A non-finite prescale is rejected.
 void compress(void* wire, const float* in, size_t count, DataType wire_type, float prescale = 1.0f);
 
 // out[i] = decode(wire)[i]            (accumulate == false)
@@ -44,7 +51,12 @@ void decompress(float* out, const void* wire, size_t count, DataType wire_type, 
 
 // Error feedback, one pass: y = x + residual; x <- decode(encode(y)); residual <- y - x.
 // Afterwards x holds exactly the values the wire format can carry, so compressing x
-// again loses nothing, and the rounding error is kept for the next step.
+// again loses nothing, and the rounding error is kept for the next step. x + residual
+// is then exactly the fp32 sum y (the subtraction is exact). One corner: when a block's
+// largest value rounds up to the next power of two, compressing x again uses half the
+// scale, and float16 values below 2^-29 of the block max may round once more (by at
+// most 2^-39 of it; likewise bfloat16 values that fall into its subnormal range).
+// x and residual must not overlap.
 void error_feedback(float* x, float* residual, size_t count, DataType wire_type);
 
 // x <- decode(encode(x)): round x to what the wire carries (every rank then holds the
@@ -53,7 +65,8 @@ void round_trip(float* x, size_t count, DataType wire_type);
 
 // Multi-tensor bucketing: copy n buffers into / out of one flat buffer in one call.
 // Piece i is bytes[i] long at offset offsets[i] (bytes) in `flat`. Pieces must not
-// overlap each other or the other side.
+// overlap each other or the other side (not checked here; ringcc.kernels checks).
+// Pointers of empty pieces may be null.
 void pack(void* flat, const void* const* srcs, const size_t* offsets, const size_t* bytes, size_t n);
 void unpack(void* const* dsts, const void* flat, const size_t* offsets, const size_t* bytes, size_t n);
 
