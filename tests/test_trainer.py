@@ -56,10 +56,6 @@ def test_default_wrapper_is_ringccs_when_present(world2):
     assert world2[0]["wrapper"] == ("ringcc" if tr.ringcc_wrapper_available() else "torch")
 
 
-@pytest.mark.xfail(strict=True, reason="ringcc.DistributedDataParallel re-plans its buckets after its first "
-                   "synchronised step and a checkpoint cannot restore the plan yet, so with block-scaled "
-                   "compression a resumed run's first step rounds differently (the same test passes with "
-                   "ringcc.trainer.torch_ddp, whose buckets are planned once)")
 def test_resume_with_ringcc_wrapper_and_compression(world2):
     if world2[0]["wrapper"] != "ringcc":
         pytest.skip("ringcc.DistributedDataParallel is not in this tree")

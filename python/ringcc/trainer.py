@@ -34,11 +34,9 @@ Checkpoints and resume
     skips the consumed batches of the epoch, so an interrupted run that is resumed
     ends with exactly the parameters and optimizer state of an uninterrupted one (same
     world size, batch settings and thread counts, and a wrapper whose bucket layout
-    does not depend on the step it was created at). :func:`torch_ddp` plans its buckets
-    once. ``ringcc.DistributedDataParallel`` re-plans them after its first synchronised
-    step; without compression and with 2 ranks that changes no bit, but with its
-    block-scaled compression (or 3+ ranks) a resumed run's first step rounds differently
-    until the plan can be saved with the checkpoint. A fresh run seeds torch, NumPy and ``random`` with
+    does not depend on the step it was created at). ``ringcc.DistributedDataParallel``
+    saves its bucket plan in ``comm_state_dict()``; :func:`torch_ddp` plans its buckets
+    once. A fresh run seeds torch, NumPy and ``random`` with
     ``seed + rank`` (dropout differs between ranks, reproducibly).
 
 Metrics (one dict per epoch, from ``fit()``; a run cut short by ``max_steps`` and a
