@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import threading
+import time
 import weakref
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -98,6 +100,29 @@ def make_strategy(strategy: Any, group: Any, compression: Optional[str], error_f
     raise ValueError(f"ringcc.DistributedDataParallel: unknown strategy {strategy!r} (expected 'ring')")
 
 
+class _BusyClock:
+    """Seconds during which at least one bucket exchange was in flight: the union of
+    their lifetimes, launch to completion (completions arrive on settler threads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._since = 0.0
+        self.total = 0.0
+
+    def start(self) -> None:
+        with self._lock:
+            if self._in_flight == 0:
+                self._since = time.perf_counter()
+            self._in_flight += 1
+
+    def stop(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self.total += time.perf_counter() - self._since
+
+
 # ---------------------------------------------------------------------------- buckets
 class _Bucket:
     """Parameters reduced together, with their flat fusion buffer."""
@@ -115,7 +140,7 @@ class _Bucket:
         self.pending = len(params)  # gradients still to arrive this step
         self.work: Any = None  # strategy Work, or
         self.future: Optional[torch.futures.Future] = None  # a comm hook's future
-        self.timed: Optional[torch.futures.Future] = None  # timeline: completion recorded
+        self.timed: Optional[torch.futures.Future] = None  # completion recorded (busy clock, timeline)
 
     def views(self) -> List[torch.Tensor]:
         return [self.flat[o:o + n].view(s) for o, n, s in zip(self.offsets, self.numels, self.shapes)]
@@ -302,6 +327,7 @@ class DistributedDataParallel(nn.Module):
         self._step = 0  # synchronised backward passes finished
         self._reset_iteration()
 
+        self._busy = _BusyClock()
         self._timeline = Timeline.from_env(self.rank)
         if self._timeline is not None:
             atexit.register(self._timeline.flush)
@@ -376,6 +402,13 @@ class DistributedDataParallel(nn.Module):
         for b in self._buckets:
             for i in b.params:
                 self._where[i] = b
+
+    def comm_stats(self) -> Dict[str, float]:
+        """Cumulative ``comm_s``: seconds during which some bucket exchange of this rank
+        was in flight (overlapped with backward or not). ringcc.Trainer subtracts the
+        exposed part to report the overlapped communication."""
+        with self._busy._lock:
+            return {"comm_s": self._busy.total, "steps": self._step}
 
     # ------------------------------------------------------------------ checkpoints
     def comm_state_dict(self) -> Dict[str, Any]:
@@ -508,6 +541,7 @@ class DistributedDataParallel(nn.Module):
     def _launch(self, b: _Bucket) -> None:
         tl = self._timeline
         t0 = tl.now() if tl is not None else 0.0
+        t1 = t0
         grads = []
         for i in b.params:
             g = self._params[i].grad
@@ -516,17 +550,23 @@ class DistributedDataParallel(nn.Module):
         if tl is not None:
             t1 = tl.now()
             tl.complete("pack", t0, t1, bucket=b.index, step=self._step)
+        busy = self._busy
+        busy.start()
         if self._hook is not None:
             state, hook = self._hook
             b.future = hook(state, GradBucket(self, b))
             fut = b.future
         else:
             b.work = self._strategy.allreduce_bucket(b.flat, b.index)
-            fut = b.work.get_future() if tl is not None else None
-        if tl is not None:
-            step, index = self._step, b.index
+            fut = b.work.get_future()
+        step, index = self._step, b.index
+
+        def done(_fut: torch.futures.Future) -> None:
             # Completion time from the future's callback, not from our later wait().
-            b.timed = fut.then(lambda _f: tl.complete("allreduce", t1, tl.now(), bucket=index, step=step))
+            busy.stop()
+            if tl is not None:
+                tl.complete("allreduce", t1, tl.now(), bucket=index, step=step)
+        b.timed = fut.then(done)
 
     def _finish_backward(self) -> None:
         """End of backward (autograd engine callback): wait for the buckets in order,
