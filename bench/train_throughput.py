@@ -31,9 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))  # run from a clone
-
-from ringcc import _launch  # noqa: E402
+from ringcc import _launch  # the installed package (pip install .), with its native module
 
 CHILD_ENV = "RINGCC_TRAIN_BENCH_CHILD"
 
