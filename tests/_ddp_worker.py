@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as TorchDDP
 
 import _torch_backend_worker as base  # tests/ is this script's directory
-from _torch_backend_worker import Checks, assert_same, load_backend
+from _torch_backend_worker import Checks, assert_same, load_backend, params_of, same_on_every_rank
 
 import ringcc
 import ringcc.hooks
@@ -110,19 +110,6 @@ def cat(pairs):
 
 def mse(out, y):
     return nn.functional.mse_loss(out, y)
-
-
-def params_of(model: nn.Module):
-    return [p.detach().clone() for p in model.parameters()]
-
-
-def same_on_every_rank(tensors, what: str) -> None:
-    world = dist.get_world_size()
-    for i, t in enumerate(tensors):
-        outs = [torch.empty_like(t) for _ in range(world)]
-        dist.all_gather(outs, t.contiguous(), group=GLOO)
-        for r, o in enumerate(outs):
-            assert_same(o, t, f"{what}: tensor {i} on rank {r} vs this rank")
 
 
 def compare(got, want, what: str, rtol: float = RTOL, atol: float = ATOL) -> None:

@@ -63,6 +63,20 @@ def assert_same(got: torch.Tensor, want: torch.Tensor, what: str, rtol: float = 
         MISMATCHES.append(f"{what}: max abs difference {err} (rtol {rtol}, atol {atol})")
 
 
+def params_of(model: "torch.nn.Module"):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def same_on_every_rank(tensors, what: str) -> None:
+    """Bitwise equality of ``tensors`` across ranks (gathered over the GLOO group)."""
+    world = dist.get_world_size()
+    for i, t in enumerate(tensors):
+        outs = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(outs, t.contiguous(), group=GLOO)
+        for r, o in enumerate(outs):
+            assert_same(o, t, f"{what}: tensor {i} on rank {r} vs this rank")
+
+
 def values(shape, dtype, seed: int, lo: int = -4, hi: int = 5) -> torch.Tensor:
     """Small integers (exact under sum/prod/min/max in every dtype) for this rank."""
     g = torch.Generator().manual_seed(seed)

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import _torch_backend_worker as base  # tests/ is this script's directory
-from _torch_backend_worker import Checks, assert_same, load_backend
+from _torch_backend_worker import Checks, assert_same, load_backend, params_of, same_on_every_rank
 
 GLOO = None  # a gloo group over all ranks, set in main()
 RTOL, ATOL = 1e-6, 1e-7  # ringcc vs gloo parameters (sums over 3 ranks may round differently)
@@ -85,20 +85,6 @@ def batches(n: int, seed: int, size: int = 8):
 
 def loss_of(out, target):
     return nn.functional.mse_loss(out, target)
-
-
-def params_of(model: nn.Module):
-    return [p.detach().clone() for p in model.parameters()]
-
-
-def same_on_every_rank(tensors, what: str) -> None:
-    """Bitwise equality of ``tensors`` across ranks (gathered over gloo)."""
-    world = dist.get_world_size()
-    for i, t in enumerate(tensors):
-        outs = [torch.empty_like(t) for _ in range(world)]
-        dist.all_gather(outs, t.contiguous(), group=GLOO)
-        for r, o in enumerate(outs):
-            assert_same(o, t, f"{what}: parameter {i} on rank {r} vs this rank")
 
 
 def compare_training(train, what: str, initial=None, rtol: float = RTOL, atol: float = ATOL, reference=None):

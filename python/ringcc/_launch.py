@@ -13,7 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
-from typing import Collection, Sequence
+from typing import Callable, Collection, Optional, Sequence
 
 
 def free_port() -> int:
@@ -27,6 +27,17 @@ def is_rank(child_env: str) -> bool:
     """True in a process that is one rank: spawned by :func:`spawn` (``child_env`` is
     set) or started by a launcher such as torchrun (``RANK`` and ``WORLD_SIZE`` set)."""
     return bool(os.environ.get(child_env)) or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def run_or_spawn(prog: str, nproc: Optional[int], child_env: str, run_rank: Callable[[], int],
+                 spawn_ranks: Callable[[int], int]) -> int:
+    """The entry point shared by the CLIs: be one rank when a launcher (or our own spawn)
+    started this process, else start ``nproc`` (default 2) local ranks."""
+    if is_rank(child_env):
+        if nproc is not None and not os.environ.get(child_env):
+            print(f"{prog}: --nproc is ignored under torchrun (it started the ranks)", file=sys.stderr)
+        return run_rank()
+    return spawn_ranks(nproc or 2)
 
 
 def spawn(command: str, argv: Sequence[str], nproc: int, child_env: str, *,

@@ -595,11 +595,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     check_args(parser, a)
-    if _launch.is_rank(CHILD_ENV):
-        if a.nproc is not None and not os.environ.get(CHILD_ENV):
-            print("ringcc bench: --nproc is ignored under torchrun (it started the ranks)", file=sys.stderr)
-        return run_rank(a)
-    return spawn(argv, a.nproc or 2)
+    return _launch.run_or_spawn("ringcc bench", a.nproc, CHILD_ENV, lambda: run_rank(a), lambda n: spawn(argv, n))
 
 
 if __name__ == "__main__":

@@ -140,14 +140,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     check_args(parser, a)
-    if _launch.is_rank(CHILD_ENV):
-        if a.nproc is not None and not os.environ.get(CHILD_ENV):
-            print("ringcc train: --nproc is ignored under torchrun (it started the ranks)", file=sys.stderr)
-        return run_rank(a)
-    rc = _launch.spawn("train", argv, a.nproc or 2, CHILD_ENV)
-    if rc != 0:
-        print(f"ringcc train: failed (exit code {rc}); see the rank errors above", file=sys.stderr)
-    return rc
+    def spawn(nproc: int) -> int:
+        rc = _launch.spawn("train", argv, nproc, CHILD_ENV)
+        if rc != 0:
+            print(f"ringcc train: failed (exit code {rc}); see the rank errors above", file=sys.stderr)
+        return rc
+
+    return _launch.run_or_spawn("ringcc train", a.nproc, CHILD_ENV, lambda: run_rank(a), spawn)
 
 
 if __name__ == "__main__":
