@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as TorchDDP
 
 import _torch_backend_worker as base  # tests/ is this script's directory
-from _torch_backend_worker import Checks, assert_same, load_backend, params_of, same_on_every_rank
+from _torch_backend_worker import Checks, Net, assert_same, load_backend, params_of, same_on_every_rank
 
 import ringcc
 import ringcc.hooks
@@ -59,26 +59,6 @@ class DDPChecks(Checks):
 
 
 # -------------------------------------------------------------------------- models
-class Net(nn.Module):
-    """Three linear layers; with ``branch`` a head used only when asked and a layer that
-    is never used."""
-
-    def __init__(self, width: int = 16, branch: bool = False):
-        super().__init__()
-        self.fc1 = nn.Linear(8, width)
-        self.fc2 = nn.Linear(width, width)
-        self.fc3 = nn.Linear(width, 4)
-        self.branch = nn.Linear(width, 4) if branch else None
-        self.never = nn.Linear(4, 4) if branch else None
-
-    def forward(self, x, use_branch: bool = False):
-        h = torch.relu(self.fc2(torch.relu(self.fc1(x))))
-        out = self.fc3(h)
-        if use_branch:
-            out = out + self.branch(h)
-        return out
-
-
 class Reordered(nn.Module):
     """Registered output layer first: gradients arrive in registration order, the
     opposite of what the initial (reverse registration order) buckets expect."""

@@ -63,6 +63,26 @@ def assert_same(got: torch.Tensor, want: torch.Tensor, what: str, rtol: float = 
         MISMATCHES.append(f"{what}: max abs difference {err} (rtol {rtol}, atol {atol})")
 
 
+class Net(torch.nn.Module):
+    """Three linear layers; with ``branch`` also a head used only when asked and a layer
+    that is never used (for find_unused_parameters / static_graph)."""
+
+    def __init__(self, width: int = 16, branch: bool = False):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(8, width)
+        self.fc2 = torch.nn.Linear(width, width)
+        self.fc3 = torch.nn.Linear(width, 4)
+        self.branch = torch.nn.Linear(width, 4) if branch else None
+        self.never = torch.nn.Linear(4, 4) if branch else None
+
+    def forward(self, x, use_branch: bool = False):
+        h = torch.relu(self.fc2(torch.relu(self.fc1(x))))
+        out = self.fc3(h)
+        if use_branch:
+            out = out + self.branch(h)
+        return out
+
+
 def params_of(model: "torch.nn.Module"):
     return [p.detach().clone() for p in model.parameters()]
 

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import _torch_backend_worker as base  # tests/ is this script's directory
-from _torch_backend_worker import Checks, assert_same, load_backend, params_of, same_on_every_rank
+from _torch_backend_worker import Checks, Net, assert_same, load_backend, params_of, same_on_every_rank
 
 GLOO = None  # a gloo group over all ranks, set in main()
 RTOL, ATOL = 1e-6, 1e-7  # ringcc vs gloo parameters (sums over 3 ranks may round differently)
@@ -53,26 +53,6 @@ class ToolChecks(Checks):
 
 
 # -------------------------------------------------------------------------- helpers
-class Net(nn.Module):
-    """Three linear layers; with ``branch`` also a head used only when asked and a layer
-    that is never used (for find_unused_parameters / static_graph)."""
-
-    def __init__(self, width: int = 16, branch: bool = False):
-        super().__init__()
-        self.fc1 = nn.Linear(8, width)
-        self.fc2 = nn.Linear(width, width)
-        self.fc3 = nn.Linear(width, 4)
-        self.branch = nn.Linear(width, 4) if branch else None
-        self.never = nn.Linear(4, 4) if branch else None
-
-    def forward(self, x, use_branch: bool = False):
-        h = torch.relu(self.fc2(torch.relu(self.fc1(x))))
-        out = self.fc3(h)
-        if use_branch:
-            out = out + self.branch(h)
-        return out
-
-
 def make_model(**kw) -> Net:
     torch.manual_seed(0)  # the same initial model on every rank and for both backends
     return Net(**kw)
