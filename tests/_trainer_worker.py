@@ -248,17 +248,13 @@ def main() -> int:
     dist.init_process_group("ringcc", init_method=args.init_method, rank=args.rank, world_size=args.world,
                             timeout=datetime.timedelta(seconds=60))
     c.results["setup"] = "ok" if dist.get_backend() == "ringcc" else f"backend {dist.get_backend()}"
-    c.results["wrapper"] = "ringcc" if tr.ringcc_wrapper_available() else "torch"
-    c.results["wrapper_comm_state"] = "yes" if callable(getattr(tr.default_wrapper(), "comm_state_dict", None)) \
-        else "no"
+    c.results["wrapper"] = tr.default_wrapper().__name__
     c.run("loss_and_metrics", lambda: check_loss_and_metrics(args.rank))
     c.run("resume/sgd_accum_steplr_dropout", lambda: check_resume("sgd"))
     c.run("resume/adam_bf16_autocast_fp16_compression", lambda: check_resume("adam"))
     c.run("resume/fp16_error_feedback", lambda: check_resume("error_feedback"))
-    if tr.ringcc_wrapper_available():
-        c.run("resume/ringcc_wrapper_fp16_compression", lambda: check_resume("adam_ringcc_wrapper"))
-        if c.results["wrapper_comm_state"] == "yes":
-            c.run("resume/ringcc_wrapper_error_feedback", lambda: check_resume("error_feedback_ringcc_wrapper"))
+    c.run("resume/ringcc_wrapper_fp16_compression", lambda: check_resume("adam_ringcc_wrapper"))
+    c.run("resume/ringcc_wrapper_error_feedback", lambda: check_resume("error_feedback_ringcc_wrapper"))
     c.run("checkpoint/files", check_checkpoint_files)
     dist.destroy_process_group()
     import json

@@ -52,22 +52,15 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(world2, variant):
     _assert_checks(world2, f"resume/{variant}")
 
 
-def test_default_wrapper_is_ringccs_when_present(world2):
-    assert world2[0]["wrapper"] == ("ringcc" if tr.ringcc_wrapper_available() else "torch")
+def test_default_wrapper_is_ringccs(world2):
+    assert world2[0]["wrapper"] == "DistributedDataParallel"
 
 
 def test_resume_with_ringcc_wrapper_and_compression(world2):
-    if world2[0]["wrapper"] != "ringcc":
-        pytest.skip("ringcc.DistributedDataParallel is not in this tree")
     _assert_checks(world2, "resume/ringcc_wrapper_fp16_compression")
 
 
 def test_resume_with_ringcc_wrapper_error_feedback_residuals(world2):
-    if world2[0]["wrapper"] != "ringcc":
-        pytest.skip("ringcc.DistributedDataParallel is not in this tree")
-    if world2[0]["wrapper_comm_state"] != "yes":
-        pytest.skip("ringcc.DistributedDataParallel has no comm_state_dict() yet: checkpoints cannot hold its "
-                    "error-feedback residuals")
     _assert_checks(world2, "resume/ringcc_wrapper_error_feedback")
 
 
@@ -161,8 +154,6 @@ def test_cli_trains_checkpoints_refuses_a_used_directory_and_resumes(tmp_path):
     (["--backend", "gloo", "--compression", "fp16", "--wrapper", "ringcc"], "ringcc groups only"),
 ])
 def test_cli_refuses_bad_arguments_with_a_reason(argv, needle, capsys):
-    if "--wrapper" in argv and not tr.ringcc_wrapper_available():
-        pytest.skip("ringcc.DistributedDataParallel is not in this tree")
     p = train_cli.build_parser()
     with pytest.raises(SystemExit) as exc:
         train_cli.check_args(p, p.parse_args(argv))

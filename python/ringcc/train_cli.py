@@ -36,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local ranks to spawn (default 2; ignored under torchrun, which starts the ranks)")
     p.add_argument("--backend", default="ringcc", choices=("ringcc", "gloo"),
                    help="torch.distributed backend of the process group (default ringcc)")
-    p.add_argument("--wrapper", default=None, choices=("ringcc", "torch"),
-                   help="DDP wrapper: ringcc.DistributedDataParallel, or torch's with ringcc's hooks "
-                        "(ringcc.trainer.torch_ddp); default ringcc's when installed")
+    p.add_argument("--wrapper", default="ringcc", choices=("ringcc", "torch"),
+                   help="DDP wrapper: ringcc.DistributedDataParallel (default), or torch's with ringcc's hooks "
+                        "(ringcc.trainer.torch_ddp)")
     p.add_argument("--model", default="mlp", choices=("mlp", "transformer"))
     p.add_argument("--size", default="small", choices=("small", "large"),
                    help="small: seconds per epoch; large: about 20-25M parameters")
@@ -77,12 +77,6 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--checkpoint-every needs --checkpoint-dir")
     if a.error_feedback and a.compression == "none":
         p.error("--error-feedback needs --compression fp16 or bf16")
-    from .trainer import ringcc_wrapper_available
-
-    if a.wrapper is None:
-        a.wrapper = "ringcc" if ringcc_wrapper_available() else "torch"
-    elif a.wrapper == "ringcc" and not ringcc_wrapper_available():
-        p.error("--wrapper ringcc: ringcc.DistributedDataParallel is not installed in this ringcc")
     if a.wrapper == "ringcc" and a.backend != "ringcc" and a.compression != "none":
         p.error(f"--compression with --backend {a.backend}: ringcc's wrapper compresses on ringcc groups only; "
                 "use --backend ringcc, or --wrapper torch (a cast to 16 bits on other backends)")

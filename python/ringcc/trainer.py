@@ -85,21 +85,10 @@ COMPRESSIONS = (None, "fp16", "bf16")
 
 
 # --------------------------------------------------------------------------- wrappers
-def ringcc_wrapper_available() -> bool:
-    """True when ``ringcc.DistributedDataParallel`` can be imported."""
-    try:
-        from .ddp import DistributedDataParallel  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def default_wrapper() -> Callable[..., torch.nn.Module]:
-    """ringcc's DDP wrapper when it is installed, else :func:`torch_ddp`."""
-    try:
-        from .ddp import DistributedDataParallel
-    except ImportError:
-        return torch_ddp
+    """ringcc's DDP wrapper (``ringcc.DistributedDataParallel``)."""
+    from .ddp import DistributedDataParallel
+
     return DistributedDataParallel
 
 
@@ -291,7 +280,7 @@ class Trainer:
     ``wrapper``: a factory ``wrapper(module, **options) -> wrapped`` with ``no_sync()``
     and ``.module``; options holds only what is set: ``compression`` (not None),
     ``error_feedback`` (True), ``process_group`` (not None). Default:
-    ``ringcc.DistributedDataParallel`` when installed, else :func:`torch_ddp`.
+    ``ringcc.DistributedDataParallel``; :func:`torch_ddp` for torch's DDP.
     ``max_steps`` stops the run after that many optimizer steps in total (counting the
     steps of the runs it resumed). ``log`` receives the lines rank 0 reports.
     """
@@ -594,5 +583,4 @@ class Trainer:
         return m
 
 
-__all__ = ["Trainer", "atomic_save", "list_checkpoints", "torch_ddp", "default_wrapper",
-           "ringcc_wrapper_available"]
+__all__ = ["Trainer", "atomic_save", "list_checkpoints", "torch_ddp", "default_wrapper"]
