@@ -38,6 +38,13 @@ def world3(tmp_path_factory):
     return _launch(3, f"tcp://127.0.0.1:{_free_port()}", tmp, worker=WORKER)
 
 
+@pytest.fixture(scope="module")
+def world4_training(tmp_path_factory):
+    """4 ranks, only the training checks (the others gain nothing from a fourth rank)."""
+    tmp = tmp_path_factory.mktemp("ringcc_ddp_w4")
+    return _launch(4, f"tcp://127.0.0.1:{_free_port()}", tmp, worker=WORKER, extra=["--only", "train/"])
+
+
 @pytest.fixture(params=[2, 3], ids=["world2", "world3"])
 def results(request):
     return request.getfixturevalue(f"world{request.param}")
@@ -59,6 +66,11 @@ def _check(results: dict, prefix: str) -> None:
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_training_equals_single_process_on_the_concatenated_batch(results, optimizer):
     _check(results, f"train/{optimizer}")
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_training_on_4_ranks_equals_single_process(world4_training, optimizer):
+    _check(world4_training, f"train/{optimizer}")
 
 
 def test_plain_strategy_works_on_a_gloo_group(results):

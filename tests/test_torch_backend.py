@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 
@@ -39,7 +40,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(world: int, init_method: str, tmp: Path, timeout_init_method: str = "", worker: Path = WORKER) -> dict:
+def _launch(world: int, init_method: str, tmp: Path, timeout_init_method: str = "", worker: Path = WORKER,
+            extra: Sequence[str] = ()) -> dict:
     """Run `world` ranks of `worker`; return {rank: {check: "ok" | failure text}}."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = []
@@ -48,6 +50,7 @@ def _launch(world: int, init_method: str, tmp: Path, timeout_init_method: str = 
                "--init-method", init_method]
         if timeout_init_method:
             cmd += ["--timeout-init-method", timeout_init_method]
+        cmd += list(extra)
         log = open(tmp / f"rank{rank}.log", "w+b")
         procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(tmp)), log))
     results, failures = {}, []
