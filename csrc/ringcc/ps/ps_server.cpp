@@ -86,7 +86,7 @@ struct Refusal {
 }  // namespace
 
 struct Server::Impl {
-  explicit Impl(const ServerOptions& o) : o(o), rank_live(o.num_workers, false) {}
+  explicit Impl(const ServerOptions& o) : o(o) {}
 
   const ServerOptions& o;
   std::unique_ptr<transport::tcp::Listener> listener;
@@ -95,7 +95,6 @@ struct Server::Impl {
   std::map<uint64_t, std::unique_ptr<Conn>> conns;
   std::unordered_map<uint64_t, Key> keys;
   std::set<uint64_t> open_rounds;  // sync keys with a round in progress
-  std::vector<bool> rank_live;
   std::set<int> finished;          // ranks that sent SHUTDOWN
   bool draining = false;
   Clock::time_point drain_deadline;
@@ -289,11 +288,14 @@ struct Server::Impl {
     if (h.numel != static_cast<uint64_t>(o.num_workers))
       return refuse(ErrorCode::kBadRequest, detail::concat("worker ", h.sender, " expects ", h.numel,
                                                            " workers; this server was started for ", o.num_workers));
-    if (rank_live[h.sender])
+    // A worker may reconnect once its old connection is gone (dead ones count as gone
+    // even before the loop closes them).
+    bool taken = false;
+    for (auto& [id, other] : conns) taken |= other.get() != &c && other->authed && !other->dead && other->rank == int(h.sender);
+    if (taken)
       return refuse(ErrorCode::kBadRequest, detail::concat("worker rank ", h.sender, " is already connected"));
     c.authed = true;
     c.rank = static_cast<int>(h.sender);
-    rank_live[h.sender] = true;
     send_ok(c, 0, 0, static_cast<uint8_t>(o.mode));
   }
 
@@ -509,7 +511,6 @@ struct Server::Impl {
     auto it = conns.find(id);
     Conn& c = *it->second;
     // A sync round keeps this worker's contribution; its reply is simply not sent.
-    if (c.authed && c.rank >= 0) rank_live[c.rank] = false;
     ::close(c.fd);
     conns.erase(it);
   }
