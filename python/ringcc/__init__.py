@@ -42,7 +42,7 @@ def __getattr__(name: str):
         from .trainer import Trainer
 
         return Trainer
-    if name in ("ddp", "hooks", "timeline", "kernels", "trainer"):
+    if name in ("ddp", "hooks", "timeline", "kernels", "trainer", "ps"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)

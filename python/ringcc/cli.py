@@ -1,4 +1,4 @@
-"""The `ringcc` command line: `ringcc info`, `ringcc bench`, `ringcc train`."""
+"""The `ringcc` command line: `ringcc info`, `ringcc bench`, `ringcc train`, `ringcc ps-server`."""
 
 from __future__ import annotations
 
@@ -41,12 +41,17 @@ def main(argv=None) -> int:
         from . import train_cli
 
         return train_cli.main(argv[1:])
+    if argv[:1] == ["ps-server"]:
+        from . import ps
+
+        return ps.run_server_from_env(argv[1:])
     parser = argparse.ArgumentParser(prog="ringcc", description="ringcc collective communication")
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="print version and build options")
     p_info.set_defaults(func=_info)
     sub.add_parser("bench", help="benchmark collectives of torch.distributed backends (ringcc bench --help)")
     sub.add_parser("train", help="data-parallel training demo on synthetic data (ringcc train --help)")
+    sub.add_parser("ps-server", help="run a parameter server of a job (ringcc ps-server --help)")
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -17,6 +17,8 @@
 namespace py = pybind11;
 using namespace ringcc;
 
+void bind_ps(py::module_& m);  // ps_bindings.cpp
+
 namespace {
 
 PyObject* g_error = nullptr;
@@ -291,4 +293,5 @@ PYBIND11_MODULE(_C, m) {
   }, gil_free());
   m.def("_set_simd_level", [](const std::string& s) { kernels::set_simd_level(parse_simd(s)); });
   m.def("_simd_level", []() { return std::string(kernels::simd_level_name(kernels::simd_level())); });
+  bind_ps(m);
 }

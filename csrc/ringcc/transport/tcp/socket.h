@@ -20,6 +20,7 @@ class Listener {
   Listener(const Listener&) = delete;
   Listener& operator=(const Listener&) = delete;
   const std::string& address() const { return address_; }  // "host:port" as peers dial it
+  int fd() const { return fd_; }  // for callers that poll it themselves (the ps server)
   // Accepts one connection before the deadline; returns a blocking fd.
   int accept_one(const Deadline& deadline);
   void close_now();

@@ -1,0 +1,96 @@
+// ringcc._C.ps*: the parameter server and its client. Like module.cpp, raw pointers
+// in; python/ringcc/ps.py turns tensors into them. Every blocking call drops the GIL.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "ringcc/ps/ps_client.h"
+#include "ringcc/ps/ps_server.h"
+
+namespace py = pybind11;
+using namespace ringcc;
+
+namespace {
+
+PyObject* g_stale = nullptr;
+
+const float* cptr(uintptr_t p) { return reinterpret_cast<const float*>(p); }
+float* mptr(uintptr_t p) { return reinterpret_cast<float*>(p); }
+
+}  // namespace
+
+void bind_ps(py::module_& m) {
+  using gil_free = py::call_guard<py::gil_scoped_release>;
+  std::string qual = "ringcc._C.StaleError";
+  g_stale = PyErr_NewExceptionWithDoc(qual.c_str(),
+                                      "An async push lagged the key by more than the staleness bound.",
+                                      m.attr("Error").ptr(), nullptr);
+  if (!g_stale) throw py::error_already_set();
+  m.add_object("StaleError", py::handle(g_stale));
+  // Tried before module.cpp's translator (pybind11 tries the newest first), so the
+  // subclass is not reported as its base ringcc.Error.
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const ps::StaleError& e) {
+      PyErr_SetString(g_stale, e.what());
+    }
+  });
+
+  py::enum_<ps::Mode>(m, "PsMode").value("sync", ps::Mode::kSync).value("async_", ps::Mode::kAsync);
+
+  py::class_<ps::Server>(m, "PsServer")
+      .def(py::init([](const std::string& listen_host, int num_workers, ps::Mode mode, const std::string& token,
+                       double timeout, float lr, float momentum, float weight_decay, uint64_t staleness) {
+             ps::ServerOptions o;
+             o.listen_host = listen_host;
+             o.num_workers = num_workers;
+             o.mode = mode;
+             o.token = token;
+             o.timeout = timeout;
+             o.lr = lr;
+             o.momentum = momentum;
+             o.weight_decay = weight_decay;
+             o.staleness = staleness;
+             return std::make_unique<ps::Server>(std::move(o));
+           }),
+           py::arg("listen_host"), py::arg("num_workers"), py::arg("mode"), py::arg("token"), py::arg("timeout"),
+           py::arg("lr"), py::arg("momentum"), py::arg("weight_decay"), py::arg("staleness"))
+      .def("start", &ps::Server::start, gil_free())
+      .def("stop", &ps::Server::stop, gil_free())
+      .def("wait", &ps::Server::wait, py::arg("timeout") = -1.0, gil_free())
+      .def_property_readonly("address", &ps::Server::address)
+      .def_property_readonly("running", &ps::Server::running)
+      .def_property_readonly("error", &ps::Server::error);
+
+  py::class_<ps::Handle, std::shared_ptr<ps::Handle>>(m, "PsHandle")
+      .def("wait", &ps::Handle::wait, py::arg("timeout") = -1.0, gil_free())
+      .def("done", &ps::Handle::done);
+
+  py::class_<ps::Client>(m, "PsClient")
+      .def(py::init([](int rank, int num_workers, const std::string& token, std::vector<std::string> servers,
+                       double timeout) {
+             ps::ClientOptions o;
+             o.rank = rank;
+             o.num_workers = num_workers;
+             o.token = token;
+             o.servers = std::move(servers);
+             o.timeout = timeout;
+             py::gil_scoped_release nogil;  // connecting blocks until every server answers
+             return std::make_unique<ps::Client>(std::move(o));
+           }),
+           py::arg("rank"), py::arg("num_workers"), py::arg("token"), py::arg("servers"), py::arg("timeout"))
+      .def_property_readonly("num_servers", &ps::Client::num_servers)
+      .def("mode", &ps::Client::mode)
+      .def("register_key", &ps::Client::register_key, py::arg("server"), py::arg("key"), py::arg("name"),
+           py::arg("numel"), py::arg("dtype") = DataType::kFloat32)
+      .def("init", [](ps::Client& c, int server, uint64_t key, uintptr_t values, uint64_t numel) {
+             return c.init(server, key, cptr(values), numel);
+           })
+      .def("push_pull", [](ps::Client& c, int server, uint64_t key, uintptr_t grad, uintptr_t out, uint64_t numel,
+                           Compression wire) { return c.push_pull(server, key, cptr(grad), mptr(out), numel, wire); })
+      .def("pull", [](ps::Client& c, int server, uint64_t key, uintptr_t out, uint64_t numel) {
+             return c.pull(server, key, mptr(out), numel);
+           })
+      .def("shutdown", &ps::Client::shutdown)
+      .def("close", &ps::Client::close, gil_free());
+}

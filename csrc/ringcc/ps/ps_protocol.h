@@ -1,0 +1,88 @@
+// Parameter-server wire protocol: a fixed 64-byte header, then `payload_bytes` of
+// payload. Every request gets exactly one reply (OK, DATA or ERROR) on the same
+// connection, in order; a client has at most one request outstanding per connection.
+//
+// The receiver validates the header before it allocates or reads anything: magic and
+// version, the message type, and every count and length against a fixed cap or against
+// the size the key was registered with. A bad request gets an ERROR reply whose text
+// names the key and the expected and received values; its payload is read and dropped,
+// so the connection stays usable.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "ringcc/common/dtype.h"
+#include "ringcc/engine/protocol.h"
+#include "ringcc/kernels/cpu/compress.h"
+
+namespace ringcc::ps {
+
+enum class MsgType : uint8_t {
+  kHello = 1,     // sender = rank, numel = num_workers, payload = job token
+  kRegister = 2,  // key, numel, dtype; payload = key name (for messages)
+  kInit = 3,      // key, numel; payload = fp32 values
+  kPushPull = 4,  // key, numel, wire, round/version; payload = gradient (wire format)
+  kPull = 5,      // key, numel
+  kShutdown = 6,  // this worker is done with the server
+  kOk = 16,       // reply: round = key version (REGISTER/INIT), code = mode (HELLO)
+  kData = 17,     // reply: key, numel, wire, round = version; payload = values
+  kError = 18,    // reply: code = ErrorCode, payload = readable text
+};
+const char* msg_name(MsgType t);
+
+enum class Mode : uint8_t { kSync = 0, kAsync = 1 };
+const char* mode_name(Mode m);
+
+// What an ERROR reply means; the client raises a matching exception type.
+enum class ErrorCode : uint8_t {
+  kGeneric = 0,
+  kBadRequest = 1,  // wrong size / count / wire, inconsistent REGISTER, out-of-step round
+  kBadDtype = 2,    // dtype differs from the key's
+  kUnknownKey = 3,  // key never registered on this server
+  kAuth = 4,        // missing or wrong job token, or a message before HELLO
+  kStale = 5,       // async push lags the key by more than the staleness bound
+  kTimeout = 6,     // a sync round did not complete in time (names the missing workers)
+  kProtocol = 7,    // bad magic / version / type: the connection is closed
+};
+
+constexpr uint32_t kPsMagic = 0x53504352;  // "RCPS"
+constexpr uint16_t kPsProtocolVersion = 1;
+constexpr size_t kPsHeaderBytes = 64;
+constexpr size_t kMaxTokenBytes = 256;
+constexpr size_t kMaxNameBytes = 256;
+constexpr size_t kMaxErrorText = 4096;
+// One key holds at most 2^28 fp32 values (1 GiB); clients shard far below this.
+constexpr uint64_t kMaxKeyElements = uint64_t(1) << 28;
+// Largest payload a server reads and drops after refusing a request; beyond this the
+// stream is not worth keeping and the connection is closed.
+constexpr uint64_t kMaxDiscardBytes = kMaxKeyElements * 4 + 4096;
+
+struct Header {
+  uint32_t magic = kPsMagic;
+  uint16_t version = kPsProtocolVersion;
+  MsgType type = MsgType::kOk;
+  uint8_t code = 0;  // ErrorCode (ERROR), Mode (HELLO's OK)
+  uint32_t sender = 0;
+  DataType dtype = DataType::kFloat32;
+  Compression wire = Compression::kNone;
+  uint16_t reserved0 = 0;
+  uint64_t key = 0;
+  uint64_t numel = 0;
+  uint64_t payload_bytes = 0;
+  uint64_t round = 0;  // sync: the round being pushed; async: version last seen / served
+  uint64_t aux = 0;
+  uint64_t reserved1 = 0;
+};
+static_assert(sizeof(Header) == kPsHeaderBytes, "ps header must be exactly 64 bytes");
+
+// Bytes of `numel` fp32 values as they travel in `wire`.
+inline uint64_t wire_bytes(uint64_t numel, Compression wire) {
+  return wire == Compression::kNone ? numel * 4 : kernels::compressed_bytes(numel);
+}
+
+// "" when the fixed part (magic, version, known type) is sound, else why not.
+std::string check_frame(const Header& h);
+
+}  // namespace ringcc::ps

@@ -1,0 +1,647 @@
+#include "ringcc/ps/ps_server.h"
+
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <set>
+#include <unordered_map>
+#include <vector>
+
+#include "ringcc/common/clock.h"
+#include "ringcc/common/error.h"
+#include "ringcc/kernels/cpu/compress.h"
+#include "ringcc/kernels/cpu/kernels.h"
+#include "ringcc/transport/tcp/socket.h"
+
+namespace ringcc::ps {
+namespace {
+
+using Bytes = std::vector<char>;
+
+struct OutMsg {
+  Header hdr;
+  std::shared_ptr<const Bytes> body;  // shared: one sync result goes to every worker
+  size_t sent = 0;                    // of header + body
+};
+
+struct Conn {
+  uint64_t id = 0;
+  int fd = -1;
+  int rank = -1;
+  bool authed = false;
+  bool close_after_flush = false;  // refused peer: say why, then hang up
+  bool dead = false;
+  // Reading: a header, then its body (or bytes to drop after a refused request).
+  Header hdr;
+  size_t hdr_got = 0;
+  bool in_body = false;
+  Bytes body;
+  size_t body_got = 0;
+  uint64_t discard_left = 0;
+  std::deque<OutMsg> out;
+};
+
+struct Waiter {
+  uint64_t conn;
+  Compression wire;
+};
+
+struct Key {
+  uint64_t id = 0;
+  std::string name;
+  uint64_t numel = 0;
+  DataType dtype = DataType::kFloat32;
+  std::vector<float> values;    // sync: the last round's average; async: the parameters
+  std::vector<float> momentum;  // async, allocated on the first push when momentum != 0
+  uint64_t version = 0;         // sync: completed rounds; async: updates applied
+  // The sync round in progress.
+  std::vector<float> acc;
+  std::vector<int> pushed;
+  std::vector<Waiter> waiters;
+  Clock::time_point deadline;
+};
+
+std::string label(const Key& k) { return detail::concat("key '", k.name, "' (id ", k.id, ")"); }
+
+std::string rank_list(const std::vector<int>& ranks) {
+  std::string s = "[";
+  for (size_t i = 0; i < ranks.size(); ++i) s += (i ? ", " : "") + std::to_string(ranks[i]);
+  return s + "]";
+}
+
+struct Refusal {
+  ErrorCode code;
+  std::string text;
+};
+
+}  // namespace
+
+struct Server::Impl {
+  explicit Impl(const ServerOptions& o) : o(o) {}
+
+  const ServerOptions& o;
+  std::unique_ptr<transport::tcp::Listener> listener;
+  int wake[2] = {-1, -1};
+  std::atomic<bool> stop_requested{false};
+  std::map<uint64_t, std::unique_ptr<Conn>> conns;
+  std::unordered_map<uint64_t, Key> keys;
+  std::set<uint64_t> open_rounds;  // sync keys with a round in progress
+  std::set<int> finished;          // ranks that sent SHUTDOWN
+  bool draining = false;
+  Clock::time_point drain_deadline;
+  uint64_t next_conn = 1;
+  std::vector<float> grad;         // decoded async gradient
+  Bytes sink;                      // refused payloads are read into this and dropped
+
+  ~Impl() {
+    for (auto& [id, c] : conns) ::close(c->fd);
+    for (int fd : wake)
+      if (fd >= 0) ::close(fd);
+  }
+
+  // ------------------------------------------------------------------ replies
+  void send(Conn& c, Header h, std::shared_ptr<const Bytes> body = nullptr) {
+    h.magic = kPsMagic;
+    h.version = kPsProtocolVersion;
+    h.payload_bytes = body ? body->size() : 0;
+    c.out.push_back(OutMsg{h, std::move(body), 0});
+  }
+  void send_ok(Conn& c, uint64_t key, uint64_t round, uint8_t code = 0) {
+    Header h;
+    h.type = MsgType::kOk;
+    h.key = key;
+    h.round = round;
+    h.code = code;
+    h.aux = static_cast<uint64_t>(o.num_workers);
+    send(c, h);
+  }
+  void send_error(Conn& c, uint64_t key, ErrorCode code, std::string text) {
+    if (text.size() > kMaxErrorText) text.resize(kMaxErrorText);
+    Header h;
+    h.type = MsgType::kError;
+    h.key = key;
+    h.code = static_cast<uint8_t>(code);
+    send(c, h, std::make_shared<Bytes>(text.begin(), text.end()));
+  }
+  std::shared_ptr<const Bytes> encode(const std::vector<float>& v, Compression wire) {
+    auto b = std::make_shared<Bytes>(wire_bytes(v.size(), wire));
+    if (wire == Compression::kNone) {
+      if (!v.empty()) std::memcpy(b->data(), v.data(), v.size() * 4);
+    } else {
+      kernels::compress(b->data(), v.data(), v.size(), wire_type(wire));
+    }
+    return b;
+  }
+  void send_values(Conn& c, const Key& k, Compression wire, std::shared_ptr<const Bytes> body) {
+    Header h;
+    h.type = MsgType::kData;
+    h.key = k.id;
+    h.numel = k.numel;
+    h.dtype = k.dtype;
+    h.wire = wire;
+    h.round = k.version;
+    send(c, h, std::move(body));
+  }
+
+  // ------------------------------------------------------------------ requests
+  Key* find(uint64_t id) {
+    auto it = keys.find(id);
+    return it == keys.end() ? nullptr : &it->second;
+  }
+
+  // Size checks that need only the header and the key's declared shape, made before
+  // a byte of payload is read or allocated. Returns the refusal, if any.
+  bool refuse_header(const Conn& c, const Header& h, Refusal* r) {
+    auto fail = [&](ErrorCode code, auto&&... parts) {
+      *r = Refusal{code, detail::concat(msg_name(h.type), ": ", parts...)};
+      return true;
+    };
+    if (h.type == MsgType::kHello) {
+      if (c.authed) return fail(ErrorCode::kBadRequest, "this connection already said HELLO");
+      if (h.payload_bytes > kMaxTokenBytes)
+        return fail(ErrorCode::kAuth, "job token of ", h.payload_bytes, " bytes (at most ", kMaxTokenBytes, ")");
+      return false;
+    }
+    if (!c.authed)
+      return fail(ErrorCode::kAuth, "not authenticated: the first message must be HELLO with the job token");
+    switch (h.type) {
+      case MsgType::kRegister:
+        if (h.numel == 0 || h.numel > kMaxKeyElements)
+          return fail(ErrorCode::kBadRequest, "key id ", h.key, ": numel ", h.numel, " out of range [1, ",
+                      kMaxKeyElements, "]");
+        if (h.dtype != DataType::kFloat32)
+          return fail(ErrorCode::kBadDtype, "key id ", h.key, ": dtype ", dtype_name(h.dtype),
+                      " not supported (keys hold float32)");
+        if (h.payload_bytes > kMaxNameBytes)
+          return fail(ErrorCode::kBadRequest, "key name of ", h.payload_bytes, " bytes (at most ", kMaxNameBytes, ")");
+        if (Key* k = find(h.key)) {
+          if (k->numel != h.numel || k->dtype != h.dtype)
+            return fail(ErrorCode::kBadRequest, label(*k), " is registered with numel ", k->numel, " dtype ",
+                        dtype_name(k->dtype), "; this REGISTER says numel ", h.numel, " dtype ",
+                        dtype_name(h.dtype));
+        }
+        return false;
+      case MsgType::kInit:
+      case MsgType::kPushPull:
+      case MsgType::kPull: {
+        Key* k = find(h.key);
+        if (!k) return fail(ErrorCode::kUnknownKey, "unknown key id ", h.key, " (not registered on this server)");
+        if (h.dtype != k->dtype)
+          return fail(ErrorCode::kBadDtype, label(*k), ": dtype ", dtype_name(h.dtype), ", expected ",
+                      dtype_name(k->dtype));
+        if (h.numel != k->numel)
+          return fail(ErrorCode::kBadRequest, label(*k), ": numel ", h.numel, ", expected ", k->numel);
+        if (h.type == MsgType::kInit && h.wire != Compression::kNone)
+          return fail(ErrorCode::kBadRequest, label(*k), ": INIT values must be fp32 (wire none)");
+        uint64_t want = h.type == MsgType::kPull ? 0 : wire_bytes(k->numel, h.wire);
+        if (h.payload_bytes != want)
+          return fail(ErrorCode::kBadRequest, label(*k), ": payload of ", h.payload_bytes, " bytes, expected ", want,
+                      " (", k->numel, " elements, wire ", compression_name(h.wire), ")");
+        return false;
+      }
+      case MsgType::kShutdown:
+        if (h.payload_bytes != 0) return fail(ErrorCode::kBadRequest, "unexpected payload");
+        return false;
+      default:
+        return fail(ErrorCode::kProtocol, "a server accepts requests only");
+    }
+  }
+
+  void on_header(Conn& c) {
+    const Header& h = c.hdr;
+    std::string bad = check_frame(h);
+    if (!bad.empty()) {
+      send_error(c, h.key, ErrorCode::kProtocol, "protocol error: " + bad);
+      c.close_after_flush = true;
+      return;
+    }
+    Refusal r;
+    if (refuse_header(c, h, &r)) {
+      send_error(c, h.key, r.code, r.text);
+      if (r.code == ErrorCode::kAuth || r.code == ErrorCode::kProtocol || h.payload_bytes > kMaxDiscardBytes) {
+        c.close_after_flush = true;
+      } else {
+        c.discard_left = h.payload_bytes;
+        c.in_body = c.discard_left > 0;
+      }
+      return;
+    }
+    c.body.resize(h.payload_bytes);  // bounded by refuse_header
+    c.body_got = 0;
+    c.in_body = h.payload_bytes > 0;
+    if (!c.in_body) on_message(c);
+  }
+
+  void on_message(Conn& c) {
+    const Header& h = c.hdr;
+    switch (h.type) {
+      case MsgType::kHello: return on_hello(c, h);
+      case MsgType::kRegister: return on_register(c, h);
+      case MsgType::kInit: {
+        Key& k = *find(h.key);
+        std::memcpy(k.values.data(), c.body.data(), k.numel * 4);
+        k.momentum.clear();
+        return send_ok(c, k.id, k.version);
+      }
+      case MsgType::kPushPull:
+        return o.mode == Mode::kSync ? push_sync(c, h, *find(h.key)) : push_async(c, h, *find(h.key));
+      case MsgType::kPull: {
+        Key& k = *find(h.key);
+        return send_values(c, k, Compression::kNone, encode(k.values, Compression::kNone));
+      }
+      case MsgType::kShutdown:
+        send_ok(c, 0, 0);
+        finished.insert(c.rank);
+        if (static_cast<int>(finished.size()) == o.num_workers && !draining) {
+          draining = true;  // flush the last replies, then end
+          drain_deadline = Clock::now() + std::chrono::seconds(5);
+        }
+        return;
+      default:
+        return;  // refused in refuse_header
+    }
+  }
+
+  void on_hello(Conn& c, const Header& h) {
+    std::string got(c.body.begin(), c.body.end());
+    // Constant-time comparison: the token is the only secret between job and server.
+    unsigned diff = got.size() != o.token.size();
+    for (size_t i = 0; i < std::min(got.size(), o.token.size()); ++i) diff |= got[i] ^ o.token[i];
+    auto refuse = [&](ErrorCode code, std::string text) {
+      send_error(c, 0, code, "HELLO: " + text);
+      c.close_after_flush = true;
+    };
+    if (diff != 0)
+      return refuse(ErrorCode::kAuth, "authentication failed: wrong job token (is this worker from another job?)");
+    if (h.sender >= static_cast<uint32_t>(o.num_workers))
+      return refuse(ErrorCode::kBadRequest, detail::concat("worker rank ", h.sender, " out of range [0, ",
+                                                           o.num_workers, ")"));
+    if (h.numel != static_cast<uint64_t>(o.num_workers))
+      return refuse(ErrorCode::kBadRequest, detail::concat("worker ", h.sender, " expects ", h.numel,
+                                                           " workers; this server was started for ", o.num_workers));
+    // A worker may reconnect once its old connection is gone (dead ones count as gone
+    // even before the loop closes them).
+    bool taken = false;
+    for (auto& [id, other] : conns) taken |= other.get() != &c && other->authed && !other->dead && other->rank == int(h.sender);
+    if (taken)
+      return refuse(ErrorCode::kBadRequest, detail::concat("worker rank ", h.sender, " is already connected"));
+    c.authed = true;
+    c.rank = static_cast<int>(h.sender);
+    send_ok(c, 0, 0, static_cast<uint8_t>(o.mode));
+  }
+
+  void on_register(Conn& c, const Header& h) {
+    std::string name(c.body.begin(), c.body.end());
+    if (Key* k = find(h.key)) {
+      if (k->name != name)
+        return send_error(c, h.key, ErrorCode::kBadRequest,
+                          detail::concat("REGISTER: key id ", h.key, " is registered as '", k->name,
+                                         "'; this REGISTER names it '", name, "'"));
+      return send_ok(c, k->id, k->version);
+    }
+    Key& k = keys[h.key];
+    k.id = h.key;
+    k.name = name;
+    k.numel = h.numel;
+    k.dtype = h.dtype;
+    k.values.assign(h.numel, 0.0f);
+    send_ok(c, k.id, k.version);
+  }
+
+  void push_sync(Conn& c, const Header& h, Key& k) {
+    if (h.round != k.version)
+      return send_error(c, k.id, ErrorCode::kBadRequest,
+                        detail::concat("PUSH_PULL: worker ", c.rank, " pushed round ", h.round, " of ", label(k),
+                                       ", which is at round ", k.version, " (workers out of step)"));
+    if (std::find(k.pushed.begin(), k.pushed.end(), c.rank) != k.pushed.end())
+      return send_error(c, k.id, ErrorCode::kBadRequest,
+                        detail::concat("PUSH_PULL: worker ", c.rank, " pushed round ", h.round, " of ", label(k),
+                                       " twice"));
+    // fp32 accumulation in arrival order; every worker receives the same bits.
+    const void* g = c.body.data();
+    if (k.pushed.empty()) {
+      k.acc.resize(k.numel);
+      if (h.wire == Compression::kNone)
+        std::memcpy(k.acc.data(), g, k.numel * 4);
+      else
+        kernels::decompress(k.acc.data(), g, k.numel, wire_type(h.wire), false);
+      k.deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o.timeout));
+      open_rounds.insert(k.id);
+    } else if (h.wire == Compression::kNone) {
+      kernels::reduce(k.acc.data(), k.acc.data(), g, k.numel, DataType::kFloat32, ReduceOp::kSum);
+    } else {
+      kernels::decompress(k.acc.data(), g, k.numel, wire_type(h.wire), true);
+    }
+    k.pushed.push_back(c.rank);
+    k.waiters.push_back(Waiter{c.id, h.wire});
+    if (static_cast<int>(k.pushed.size()) < o.num_workers) return;
+    kernels::divide(k.acc.data(), k.numel, DataType::kFloat32, static_cast<double>(o.num_workers));
+    k.values.swap(k.acc);
+    k.version += 1;
+    std::shared_ptr<const Bytes> bodies[3];
+    for (const Waiter& w : k.waiters) {
+      auto it = conns.find(w.conn);
+      if (it == conns.end() || it->second->dead) continue;  // gone since it pushed
+      auto& body = bodies[static_cast<int>(w.wire)];
+      if (!body) body = encode(k.values, w.wire);
+      send_values(*it->second, k, w.wire, body);
+    }
+    end_round(k);
+  }
+
+  void end_round(Key& k) {
+    k.pushed.clear();
+    k.waiters.clear();
+    open_rounds.erase(k.id);
+  }
+
+  void expire_rounds(Clock::time_point now) {
+    std::vector<uint64_t> expired;
+    for (uint64_t id : open_rounds)
+      if (keys[id].deadline <= now) expired.push_back(id);
+    for (uint64_t id : expired) {
+      Key& k = keys[id];
+      std::vector<int> missing;
+      for (int r = 0; r < o.num_workers; ++r)
+        if (std::find(k.pushed.begin(), k.pushed.end(), r) == k.pushed.end()) missing.push_back(r);
+      std::string text = detail::concat("PUSH_PULL: sync round ", k.version, " of ", label(k), " timed out after ",
+                                        o.timeout, " s: no push from worker(s) ", rank_list(missing),
+                                        " (pushed: ", rank_list(k.pushed), ")");
+      for (const Waiter& w : k.waiters) {
+        auto it = conns.find(w.conn);
+        if (it != conns.end()) send_error(*it->second, k.id, ErrorCode::kTimeout, text);
+      }
+      end_round(k);  // the round may be retried; its partial sum is dropped
+    }
+  }
+
+  void push_async(Conn& c, const Header& h, Key& k) {
+    if (h.round > k.version)
+      return send_error(c, k.id, ErrorCode::kBadRequest,
+                        detail::concat("PUSH_PULL: worker ", c.rank, " claims version ", h.round, " of ", label(k),
+                                       ", which is only at version ", k.version));
+    if (k.version - h.round > o.staleness)
+      return send_error(c, k.id, ErrorCode::kStale,
+                        detail::concat("PUSH_PULL: stale push from worker ", c.rank, " to ", label(k),
+                                       ": computed from version ", h.round, ", the key is at version ", k.version,
+                                       ", staleness bound ", o.staleness, " (pull fresh parameters and push again)"));
+    const float* g = reinterpret_cast<const float*>(c.body.data());
+    if (h.wire != Compression::kNone) {
+      grad.resize(k.numel);
+      kernels::decompress(grad.data(), c.body.data(), k.numel, wire_type(h.wire), false);
+      g = grad.data();
+    }
+    // torch.optim.SGD (dampening 0, no Nesterov): d = g + wd*p; buf = m*buf + d; p -= lr*buf.
+    const float lr = o.lr, mom = o.momentum, wd = o.weight_decay;
+    float* p = k.values.data();
+    if (mom != 0.0f && k.momentum.empty()) k.momentum.assign(k.numel, 0.0f);
+    float* buf = k.momentum.data();
+    for (uint64_t i = 0; i < k.numel; ++i) {
+      float d = g[i];
+      if (wd != 0.0f) d = d + wd * p[i];
+      if (mom != 0.0f) {
+        buf[i] = mom * buf[i] + d;
+        d = buf[i];
+      }
+      p[i] = p[i] - lr * d;
+    }
+    k.version += 1;
+    send_values(c, k, Compression::kNone, encode(k.values, Compression::kNone));
+  }
+
+  // ------------------------------------------------------------------ sockets
+  void accept_all() {
+    for (;;) {
+      int fd = ::accept4(listener->fd(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+      if (fd < 0) {
+        if (errno == EINTR) continue;
+        return;  // EAGAIN, or a connection that died before we took it
+      }
+      transport::tcp::configure_data_socket(fd);
+      auto c = std::make_unique<Conn>();
+      c->id = next_conn++;
+      c->fd = fd;
+      conns.emplace(c->id, std::move(c));
+    }
+  }
+
+  void on_readable(Conn& c) {
+    size_t budget = 8 << 20;  // then let the others have a turn
+    while (budget > 0 && !c.dead && !c.close_after_flush) {
+      char* dst;
+      size_t want;
+      if (!c.in_body) {
+        dst = reinterpret_cast<char*>(&c.hdr) + c.hdr_got;
+        want = kPsHeaderBytes - c.hdr_got;
+      } else if (c.discard_left > 0) {
+        if (sink.size() < (64 << 10)) sink.resize(64 << 10);
+        dst = sink.data();
+        want = static_cast<size_t>(std::min<uint64_t>(c.discard_left, sink.size()));
+      } else {
+        dst = c.body.data() + c.body_got;
+        want = c.body.size() - c.body_got;
+      }
+      ssize_t n = ::recv(c.fd, dst, want, MSG_DONTWAIT);
+      if (n == 0) {
+        c.dead = true;
+        return;
+      }
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK) c.dead = true;
+        return;
+      }
+      budget -= std::min(budget, static_cast<size_t>(n));
+      if (!c.in_body) {
+        c.hdr_got += n;
+        if (c.hdr_got == kPsHeaderBytes) {
+          c.hdr_got = 0;
+          on_header(c);
+        }
+      } else if (c.discard_left > 0) {
+        c.discard_left -= n;
+        if (c.discard_left == 0) c.in_body = false;
+      } else {
+        c.body_got += n;
+        if (c.body_got == c.body.size()) {
+          c.in_body = false;
+          on_message(c);
+        }
+      }
+    }
+  }
+
+  void on_writable(Conn& c) {
+    while (!c.out.empty()) {
+      OutMsg& m = c.out.front();
+      size_t body = m.body ? m.body->size() : 0;
+      iovec iov[2];
+      int n_iov = 0;
+      if (m.sent < kPsHeaderBytes) {
+        iov[n_iov++] = {reinterpret_cast<char*>(&m.hdr) + m.sent, kPsHeaderBytes - m.sent};
+        if (body) iov[n_iov++] = {const_cast<char*>(m.body->data()), body};
+      } else {
+        size_t off = m.sent - kPsHeaderBytes;
+        iov[n_iov++] = {const_cast<char*>(m.body->data()) + off, body - off};
+      }
+      msghdr mh{};
+      mh.msg_iov = iov;
+      mh.msg_iovlen = n_iov;
+      ssize_t n = ::sendmsg(c.fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK) c.dead = true;
+        return;
+      }
+      m.sent += static_cast<size_t>(n);
+      if (m.sent == kPsHeaderBytes + body) c.out.pop_front();
+    }
+  }
+
+  void drop(uint64_t id) {
+    auto it = conns.find(id);
+    Conn& c = *it->second;
+    // A sync round keeps this worker's contribution; its reply is simply not sent.
+    ::close(c.fd);
+    conns.erase(it);
+  }
+
+  bool all_flushed() const {
+    for (auto& [id, c] : conns)
+      if (!c->out.empty()) return false;
+    return true;
+  }
+
+  void loop() {
+    std::vector<pollfd> fds;
+    std::vector<uint64_t> ids;
+    for (;;) {
+      if (stop_requested.load()) return;
+      auto now = Clock::now();
+      if (draining && (all_flushed() || now >= drain_deadline)) return;
+      fds.clear();
+      ids.clear();
+      fds.push_back({wake[0], POLLIN, 0});
+      if (!draining) fds.push_back({listener->fd(), POLLIN, 0});
+      for (auto& [id, c] : conns) {
+        short ev = c->close_after_flush ? 0 : POLLIN;
+        if (!c->out.empty()) ev |= POLLOUT;
+        fds.push_back({c->fd, ev, 0});
+        ids.push_back(id);
+      }
+      int timeout_ms = -1;
+      Clock::time_point next = Clock::time_point::max();
+      for (uint64_t id : open_rounds) next = std::min(next, keys[id].deadline);
+      if (draining) next = std::min(next, drain_deadline);
+      if (next != Clock::time_point::max()) {
+        auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(next - now).count() + 1;
+        timeout_ms = static_cast<int>(std::clamp<int64_t>(ms, 0, 1000));
+      }
+      int rc = ::poll(fds.data(), fds.size(), timeout_ms);
+      if (rc < 0 && errno != EINTR) RINGCC_THROW(Error, "ps server: poll failed: ", detail::errno_string(errno));
+      if (rc > 0) {
+        size_t base = 1;
+        if (fds[0].revents) {
+          char tmp[64];
+          while (::read(wake[0], tmp, sizeof(tmp)) > 0) {
+          }
+        }
+        if (!draining) {
+          if (fds[1].revents & POLLIN) accept_all();
+          base = 2;
+        }
+        for (size_t i = 0; i < ids.size(); ++i) {
+          short re = fds[base + i].revents;
+          if (!re) continue;
+          Conn& c = *conns.at(ids[i]);
+          if (re & (POLLIN | POLLHUP | POLLERR)) {
+            if (c.close_after_flush && !(re & POLLIN)) c.dead = true;
+            else on_readable(c);
+          }
+          if (!c.dead && (re & POLLOUT)) on_writable(c);
+        }
+      }
+      // Replies queued while reading (e.g. a completed sync round for other workers)
+      // go out now rather than after the next poll.
+      for (auto& [id, c] : conns)
+        if (!c->dead && !c->out.empty()) on_writable(*c);
+      std::vector<uint64_t> gone;
+      for (auto& [id, c] : conns)
+        if (c->dead || (c->close_after_flush && c->out.empty())) gone.push_back(id);
+      for (uint64_t id : gone) drop(id);
+      if (!open_rounds.empty()) expire_rounds(Clock::now());
+    }
+  }
+};
+
+Server::Server(ServerOptions opts) : opts_(std::move(opts)) {
+  RINGCC_CHECK_ARG(opts_.num_workers >= 1, "ps server: num_workers must be >= 1, got ", opts_.num_workers);
+  RINGCC_CHECK_ARG(opts_.timeout > 0, "ps server: timeout must be positive, got ", opts_.timeout);
+  RINGCC_CHECK_ARG(!opts_.token.empty() && opts_.token.size() <= kMaxTokenBytes,
+                   "ps server: the job token must be 1..", kMaxTokenBytes, " bytes");
+}
+
+Server::~Server() { stop(); }
+
+void Server::start() {
+  RINGCC_CHECK_ARG(!impl_, "ps server: start() called twice");
+  auto impl = std::make_unique<Impl>(opts_);
+  impl->listener = std::make_unique<transport::tcp::Listener>(opts_.listen_host, 128);
+  RINGCC_SYSCHECK(::pipe2(impl->wake, O_NONBLOCK | O_CLOEXEC), "ps server wake-up pipe");
+  address_ = impl->listener->address();
+  // accept_all() takes connections until EAGAIN: a blocking listener would hang the loop.
+  int lfd = impl->listener->fd();
+  RINGCC_SYSCHECK(::fcntl(lfd, F_SETFL, ::fcntl(lfd, F_GETFL, 0) | O_NONBLOCK), "ps listener O_NONBLOCK");
+  impl_ = std::move(impl);
+  running_ = true;
+  thread_ = std::thread([this] {
+    std::string err;
+    try {
+      impl_->loop();
+    } catch (const std::exception& e) {
+      err = e.what();
+    }
+    impl_->listener->close_now();
+    running_ = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      error_ = err;
+      done_ = true;
+    }
+    done_cv_.notify_all();
+  });
+}
+
+void Server::stop() {
+  if (!impl_) return;
+  impl_->stop_requested = true;
+  char b = 1;
+  (void)!::write(impl_->wake[1], &b, 1);
+  if (thread_.joinable()) thread_.join();
+}
+
+bool Server::wait(double timeout) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (!impl_) return true;
+  if (timeout < 0) {
+    done_cv_.wait(lock, [&] { return done_; });
+    return true;
+  }
+  return done_cv_.wait_for(lock, std::chrono::duration<double>(timeout), [&] { return done_; });
+}
+
+std::string Server::error() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return error_;
+}
+
+}  // namespace ringcc::ps

@@ -1,0 +1,360 @@
+"""ringcc.ps: parameter servers for data-parallel training.
+
+    server = ringcc.ps.Server(store, index=0, num_servers=1, num_workers=2).start()
+    client = ringcc.ps.Client(store, rank, num_workers=2, num_servers=1)
+    client.register("fc.weight", w.numel())
+    client.push_pull("fc.weight", grad)      # in place: sync mode -> the average over workers
+
+A named tensor is cut into shards of `shard_elements` float32 values (1M = 4 MB by
+default); shard i of "name" is key "name#i", held by server crc32("name#i") % num_servers,
+so every worker places it the same way without talking to the others.
+
+Rendezvous goes through the job's store (any torch Store, or an object with set/get):
+server i publishes its address under "ps/server/{i}", and clients wait for those keys,
+so servers and workers may start in any order. The job token that every connection must
+present lives under "ps/token"; whoever needs it first creates it (see _job_token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import hashlib
+import os
+import secrets
+import sys
+import time
+import weakref
+import zlib
+from typing import Any, List, Optional, Tuple
+
+from ._buffers import as_buffer
+from ._native import _C
+from ._store import StoreClient, _text
+from .comm import _listen_address, _seconds
+
+SHARD_ELEMENTS = 1 << 20  # float32 values per key: 4 MB
+DEFAULT_PREFIX = "ps/"
+
+StaleError = _C.StaleError
+_MODES = {"sync": _C.PsMode.sync, "async": _C.PsMode.async_}
+_WIRES = {None: _C.Compression.none, "none": _C.Compression.none, "fp16": _C.Compression.fp16,
+          "bf16": _C.Compression.bf16}
+
+_live_clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for c in list(_live_clients):
+        c.close()
+
+
+def _job_token(store: Any, prefix: str, timeout: float) -> str:
+    """The job's token, created by the first party (server or worker) that needs it.
+
+    torch Stores have compare_set: setting the key only where it is missing is atomic,
+    and every caller gets back the one value that won. Stores with add() but no
+    compare_set elect a creator with a counter. A plain set/get store has neither, so
+    there the check-then-set can race; such stores serve single-process jobs and tests."""
+    key = prefix + "token"
+    fresh = secrets.token_hex(16)
+    if hasattr(store, "compare_set"):
+        return _text(store.compare_set(key, "", fresh))
+    if hasattr(store, "add"):
+        if store.add(prefix + "token/claim", 1) == 1:
+            store.set(key, fresh.encode())
+            return fresh
+        return StoreClient(store, "", timeout).get(key)
+    try:
+        value = store.get(key)
+    except KeyError:
+        value = None
+    if value:
+        return _text(value)
+    store.set(key, fresh.encode())
+    return fresh
+
+
+def shard_name(name: str, shard: int) -> str:
+    return f"{name}#{shard}"
+
+
+def server_of(name: str, shard: int, num_servers: int) -> int:
+    """Stable placement: the same on every worker, run and Python process (not hash())."""
+    return zlib.crc32(shard_name(name, shard).encode()) % num_servers
+
+
+def key_id(name: str, shard: int) -> int:
+    """64-bit key id of a shard (collisions between names are vanishingly unlikely)."""
+    return int.from_bytes(hashlib.blake2b(shard_name(name, shard).encode(), digest_size=8).digest(), "little")
+
+
+class Server:
+    """Parameter server `index` of `num_servers`, serving `num_workers` workers.
+
+    mode="sync": every push of a round waits until all workers pushed that key; each
+    gets the fp32 average (the result of an allreduce avg), encoded in its own push's
+    wire format. mode="async": the server holds the parameters (set by Client.init, zero
+    until then) and applies SGD (lr, momentum, weight_decay, torch.optim.SGD's update)
+    to each push as it arrives, replying with the fresh parameters; a push computed from
+    a version more than `staleness` updates old is refused with ringcc.ps.StaleError.
+    `timeout`: how long a started sync round waits for the missing workers before every
+    waiter gets a TimeoutError naming them."""
+
+    def __init__(self, store: Any, index: int, num_servers: int, num_workers: int, mode: str = "sync", *,
+                 lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0, staleness: int = 0,
+                 listen_host: Optional[str] = None, timeout: float = 300.0, prefix: str = DEFAULT_PREFIX):
+        if not isinstance(num_servers, int) or num_servers < 1:
+            raise ValueError(f"num_servers must be a positive int, got {num_servers!r}")
+        if not isinstance(index, int) or not 0 <= index < num_servers:
+            raise ValueError(f"index must be in [0, {num_servers}), got {index!r}")
+        if not isinstance(num_workers, int) or num_workers < 1:
+            raise ValueError(f"num_workers must be a positive int, got {num_workers!r}")
+        if mode not in _MODES:
+            raise ValueError(f"mode must be 'sync' or 'async', got {mode!r}")
+        if not isinstance(staleness, int) or staleness < 0:
+            raise ValueError(f"staleness must be a non-negative int, got {staleness!r}")
+        self.store = store
+        self.index = index
+        self.num_servers = num_servers
+        self.num_workers = num_workers
+        self.mode = mode
+        self.timeout = _seconds(timeout, "timeout")
+        self._prefix = prefix
+        self._listen_host = listen_host
+        self._opts = dict(lr=float(lr), momentum=float(momentum), weight_decay=float(weight_decay),
+                          staleness=staleness)
+        self._native = None
+
+    def start(self) -> "Server":
+        if self._native is not None:
+            raise RuntimeError("Server.start() called twice")
+        host = self._listen_host if self._listen_host is not None else _listen_address(self.store, None)
+        token = _job_token(self.store, self._prefix, self.timeout)
+        native = _C.PsServer(host, self.num_workers, _MODES[self.mode], token, self.timeout, **self._opts)
+        native.start()
+        self._native = native
+        # Published last: a client that reads the address finds a server listening.
+        self.store.set(f"{self._prefix}server/{self.index}", native.address.encode())
+        return self
+
+    @property
+    def address(self) -> str:
+        if self._native is None:
+            raise RuntimeError("the server is not started")
+        return self._native.address
+
+    @property
+    def running(self) -> bool:
+        return self._native is not None and self._native.running
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block until every worker sent SHUTDOWN (or stop()); False if `timeout` passed."""
+        if self._native is None:
+            return True
+        done = self._native.wait(-1.0 if timeout is None else _seconds(timeout, "timeout"))
+        if done and self._native.error:
+            raise _C.Error(f"parameter server {self.index} failed: {self._native.error}")
+        return done
+
+    def stop(self) -> None:
+        if self._native is not None:
+            self._native.stop()
+
+    def __enter__(self) -> "Server":
+        return self.start() if self._native is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class PsWork:
+    """Handle of an asynchronous push_pull (one native request per shard)."""
+
+    def __init__(self, handles: list, result: Any, keepalive: tuple):
+        self._handles = handles
+        self._result = result
+        self._keepalive = keepalive  # the tensor the requests read and write
+
+    def wait(self, timeout: Optional[float] = None):
+        """Block until every shard is done; return the tensor. Raises the first shard's
+        error (after the others finished, so none still writes into the tensor)."""
+        deadline = None if timeout is None else time.monotonic() + _seconds(timeout, "timeout")
+        first: Optional[BaseException] = None
+        for h in self._handles:
+            left = -1.0 if deadline is None else max(deadline - time.monotonic(), 0.0)
+            try:
+                done = h.wait(left)
+            except Exception as exc:  # noqa: BLE001 - the first is re-raised below
+                first = first or exc
+                continue
+            if not done:
+                raise _C.TimeoutError(f"wait() gave up after {timeout} s; the push_pull is still running")
+        if first is not None:
+            raise first
+        self._keepalive = ()
+        return self._result
+
+    def is_completed(self) -> bool:
+        return all(h.done() for h in self._handles)
+
+
+class Client:
+    """One worker's connections to every parameter server.
+
+    Waits in the store for each server's address (start order does not matter), then
+    connects and authenticates with the job token. `shard_elements` must be the same on
+    every worker. `token` overrides the store's job token (for tools and tests)."""
+
+    def __init__(self, store: Any, rank: int, num_workers: int, num_servers: int, *, timeout: float = 300.0,
+                 shard_elements: int = SHARD_ELEMENTS, prefix: str = DEFAULT_PREFIX, token: Optional[str] = None):
+        if not isinstance(num_workers, int) or num_workers < 1:
+            raise ValueError(f"num_workers must be a positive int, got {num_workers!r}")
+        if not isinstance(rank, int) or not 0 <= rank < num_workers:
+            raise ValueError(f"rank must be in [0, {num_workers}), got {rank!r}")
+        if not isinstance(num_servers, int) or num_servers < 1:
+            raise ValueError(f"num_servers must be a positive int, got {num_servers!r}")
+        if not isinstance(shard_elements, int) or shard_elements < 1:
+            raise ValueError(f"shard_elements must be a positive int, got {shard_elements!r}")
+        self.rank = rank
+        self.num_workers = num_workers
+        self.num_servers = num_servers
+        self.shard_elements = shard_elements
+        self.timeout = _seconds(timeout, "timeout")
+        if token is None:
+            token = _job_token(store, prefix, self.timeout)
+        lookup = StoreClient(store, prefix, self.timeout)
+        addresses = [lookup.get(f"server/{i}") for i in range(num_servers)]
+        self._native = _C.PsClient(rank, num_workers, token, addresses, self.timeout)
+        self._keys: dict = {}  # name -> (numel, [(server, key, offset, count)])
+        _live_clients.add(self)
+
+    # ------------------------------------------------------------------ placement
+    def shards(self, name: str, numel: int) -> List[Tuple[int, int, int, int]]:
+        """[(server, key id, offset, count)] of a tensor of `numel` values named `name`."""
+        out = []
+        for i, off in enumerate(range(0, numel, self.shard_elements)):
+            out.append((server_of(name, i, self.num_servers), key_id(name, i), off,
+                        min(self.shard_elements, numel - off)))
+        return out
+
+    def _layout(self, name: str, buf) -> list:
+        if name not in self._keys:
+            raise ValueError(f"ps: {name!r} is not registered (call register({name!r}, numel) first)")
+        numel, shards = self._keys[name]
+        if buf.dtype_name != "float32":
+            raise TypeError(f"ps: {name!r} holds float32 values; got a {buf.dtype_name} tensor")
+        if buf.count != numel:
+            raise ValueError(f"ps: {name!r} was registered with {numel} elements; got a tensor of {buf.count}")
+        return shards
+
+    @staticmethod
+    def _wait_all(handles: list) -> None:
+        PsWork(handles, None, ()).wait()
+
+    # ------------------------------------------------------------------ API
+    def register(self, name: str, numel: int) -> None:
+        """Declare a float32 tensor of `numel` values (idempotent; every worker calls it
+        with the same numel, and a server refuses a key re-registered with another)."""
+        if not isinstance(numel, int) or numel < 1:
+            raise ValueError(f"ps: numel must be a positive int, got {numel!r}")
+        shards = self.shards(name, numel)
+        handles = [self._native.register_key(s, k, shard_name(name, i), n)
+                   for i, (s, k, _, n) in enumerate(shards)]
+        self._wait_all(handles)
+        self._keys[name] = (numel, shards)
+
+    def init(self, name: str, values) -> None:
+        """Set the server-held values (async mode: the parameters); usually worker 0."""
+        buf = as_buffer(values, "values")
+        handles = [self._native.init(s, k, buf.ptr + 4 * off, n) for s, k, off, n in self._layout(name, buf)]
+        PsWork(handles, None, (buf,)).wait()
+
+    def push_pull(self, name: str, tensor, compression: Optional[str] = None, async_op: bool = False):
+        """Push `tensor` (a gradient) and replace it, in place, with the server's answer:
+        sync mode, the average over all workers; async mode, the updated parameters.
+        compression: None, "fp16" or "bf16" (block-scaled 16-bit wire, fp32 on the server).
+        Returns the tensor, or a PsWork with wait() when async_op."""
+        if compression not in _WIRES:
+            raise ValueError(f"ps: compression must be None, 'fp16' or 'bf16', got {compression!r}")
+        buf = as_buffer(tensor, "tensor", writable=True)
+        wire = _WIRES[compression]
+        handles = [self._native.push_pull(s, k, buf.ptr + 4 * off, buf.ptr + 4 * off, n, wire)
+                   for s, k, off, n in self._layout(name, buf)]
+        work = PsWork(handles, tensor, (buf,))
+        return work if async_op else work.wait()
+
+    def pull(self, name: str, out):
+        """Write the server's current values of `name` into `out` (float32); returns out."""
+        buf = as_buffer(out, "out", writable=True)
+        handles = [self._native.pull(s, k, buf.ptr + 4 * off, n) for s, k, off, n in self._layout(name, buf)]
+        return PsWork(handles, out, (buf,)).wait()
+
+    def shutdown(self) -> None:
+        """Tell every server this worker is done; a server exits once all workers have."""
+        self._wait_all([self._native.shutdown(s) for s in range(self.num_servers)])
+
+    def close(self) -> None:
+        if self._native is not None:
+            self._native.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------- ringcc ps-server
+def _parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="ringcc ps-server",
+                                description="Run one ringcc parameter server until every worker sends SHUTDOWN.")
+    p.add_argument("--index", type=int, default=int(env("RINGCC_PS_INDEX", "0")), help="this server's index")
+    p.add_argument("--num-servers", type=int, default=int(env("RINGCC_PS_NUM_SERVERS", "1")))
+    p.add_argument("--num-workers", type=int, default=int(env("RINGCC_PS_NUM_WORKERS", env("WORLD_SIZE", "1"))))
+    p.add_argument("--mode", choices=sorted(_MODES), default=env("RINGCC_PS_MODE", "sync"))
+    p.add_argument("--lr", type=float, default=0.01, help="async: SGD learning rate")
+    p.add_argument("--momentum", type=float, default=0.0, help="async: SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="async: SGD weight decay")
+    p.add_argument("--staleness", type=int, default=0, help="async: largest version lag a push may have")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds a sync round waits for missing workers")
+    p.add_argument("--store", default=None,
+                   help="host:port of the job's TCPStore (default: MASTER_ADDR:MASTER_PORT, as torchrun sets)")
+    p.add_argument("--listen-host", default=None, help="numeric IP to listen on (default: as the Communicator)")
+    return p
+
+
+def run_server_from_env(argv=None) -> int:
+    """`ringcc ps-server`: join the job's store, serve, return 0 once every worker said SHUTDOWN."""
+    args = _parser().parse_args(argv)
+    if args.store:
+        host, _, port = args.store.rpartition(":")
+    else:
+        host, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    if not host or not port:
+        print("ringcc ps-server: no store (pass --store host:port or set MASTER_ADDR and MASTER_PORT)",
+              file=sys.stderr)
+        return 2
+    import datetime
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore(host.strip("[]"), int(port), is_master=False,
+                          timeout=datetime.timedelta(seconds=max(args.timeout, 60.0)))
+    server = Server(store, args.index, args.num_servers, args.num_workers, args.mode, lr=args.lr,
+                    momentum=args.momentum, weight_decay=args.weight_decay, staleness=args.staleness,
+                    listen_host=args.listen_host, timeout=args.timeout).start()
+    print(f"ringcc ps-server {args.index}/{args.num_servers} ({args.mode}, {args.num_workers} workers) "
+          f"listening on {server.address}", flush=True)
+    try:
+        server.wait()
+    finally:
+        server.stop()
+    print(f"ringcc ps-server {args.index}: every worker sent SHUTDOWN; exiting", flush=True)
+    return 0
+
+
+__all__ = ["Server", "Client", "PsWork", "StaleError", "SHARD_ELEMENTS", "server_of", "key_id", "shard_name",
+           "run_server_from_env"]
