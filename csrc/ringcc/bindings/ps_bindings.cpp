@@ -1,5 +1,6 @@
 // ringcc._C.ps*: the parameter server and its client. Like module.cpp, raw pointers
 // in; python/ringcc/ps.py turns tensors into them. Every blocking call drops the GIL.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -15,6 +16,20 @@ PyObject* g_stale = nullptr;
 
 const float* cptr(uintptr_t p) { return reinterpret_cast<const float*>(p); }
 float* mptr(uintptr_t p) { return reinterpret_cast<float*>(p); }
+
+using F32Array = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
+// Hands a vector to NumPy without copying: the array owns it through a capsule.
+py::object to_numpy(std::vector<float>&& v) {
+  auto* owned = new std::vector<float>(std::move(v));
+  py::capsule free_it(owned, [](void* p) { delete static_cast<std::vector<float>*>(p); });
+  return F32Array({owned->size()}, {sizeof(float)}, owned->data(), free_it);
+}
+
+std::vector<float> from_numpy(const F32Array& a) {
+  if (a.ndim() != 1) throw std::invalid_argument("ps restore: key arrays must be 1-D");
+  return std::vector<float>(a.data(), a.data() + a.size());
+}
 
 }  // namespace
 
@@ -60,7 +75,39 @@ void bind_ps(py::module_& m) {
       .def("wait", &ps::Server::wait, py::arg("timeout") = -1.0, gil_free())
       .def_property_readonly("address", &ps::Server::address)
       .def_property_readonly("running", &ps::Server::running)
-      .def_property_readonly("error", &ps::Server::error);
+      .def_property_readonly("error", &ps::Server::error)
+      // [(id, name, numel, version, values, momentum or None)], ordered by id.
+      .def("snapshot",
+           [](ps::Server& s) {
+             std::vector<ps::KeyState> keys;
+             {
+               py::gil_scoped_release nogil;  // waits for the loop thread
+               keys = s.snapshot();
+             }
+             py::list out;
+             for (ps::KeyState& k : keys) {
+               py::object mom = k.momentum.empty() ? py::object(py::none()) : to_numpy(std::move(k.momentum));
+               out.append(py::make_tuple(k.id, py::bytes(k.name), k.numel, k.version, to_numpy(std::move(k.values)),
+                                         mom));
+             }
+             return out;
+           })
+      .def("restore", [](ps::Server& s, const py::list& entries) {
+        std::vector<ps::KeyState> keys;
+        for (const py::handle& e : entries) {
+          auto t = e.cast<py::tuple>();
+          if (t.size() != 6) throw std::invalid_argument("ps restore: entries are (id, name, numel, version, values, momentum)");
+          ps::KeyState k;
+          k.id = t[0].cast<uint64_t>();
+          k.name = t[1].cast<std::string>();
+          k.numel = t[2].cast<uint64_t>();
+          k.version = t[3].cast<uint64_t>();
+          k.values = from_numpy(t[4].cast<F32Array>());
+          if (!t[5].is_none()) k.momentum = from_numpy(t[5].cast<F32Array>());
+          keys.push_back(std::move(k));
+        }
+        s.restore(std::move(keys));
+      });
 
   py::class_<ps::Handle, std::shared_ptr<ps::Handle>>(m, "PsHandle")
       .def("wait", &ps::Handle::wait, py::arg("timeout") = -1.0, gil_free())

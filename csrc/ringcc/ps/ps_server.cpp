@@ -101,11 +101,38 @@ struct Server::Impl {
   uint64_t next_conn = 1;
   std::vector<float> grad;         // decoded async gradient
   Bytes sink;                      // refused payloads are read into this and dropped
+  bool fixed_keys = false;         // restored from a checkpoint: no new keys
+  // snapshot(): the caller asks, the loop answers at the top of its next iteration.
+  std::mutex snap_mu;
+  std::condition_variable snap_cv;
+  bool snap_wanted = false;
+  bool snap_ready = false;
+  bool loop_exited = false;
+  std::vector<KeyState> snap_out;
 
   ~Impl() {
     for (auto& [id, c] : conns) ::close(c->fd);
     for (int fd : wake)
       if (fd >= 0) ::close(fd);
+  }
+
+  // ------------------------------------------------------------------ checkpoints
+  std::vector<KeyState> take_snapshot() const {
+    std::vector<KeyState> out;
+    out.reserve(keys.size());
+    for (const auto& [id, k] : keys)
+      out.push_back(KeyState{k.id, k.name, k.numel, k.dtype, k.version, k.values, k.momentum});
+    // Stable order, so two snapshots of the same state write the same file.
+    std::sort(out.begin(), out.end(), [](const KeyState& a, const KeyState& b) { return a.id < b.id; });
+    return out;
+  }
+  void serve_snapshot() {
+    std::lock_guard<std::mutex> lock(snap_mu);
+    if (!snap_wanted) return;
+    snap_out = take_snapshot();
+    snap_wanted = false;
+    snap_ready = true;
+    snap_cv.notify_all();
   }
 
   // ------------------------------------------------------------------ replies
@@ -188,6 +215,10 @@ struct Server::Impl {
             return fail(ErrorCode::kBadRequest, label(*k), " is registered with numel ", k->numel, " dtype ",
                         dtype_name(k->dtype), "; this REGISTER says numel ", h.numel, " dtype ",
                         dtype_name(h.dtype));
+        } else if (fixed_keys) {
+          return fail(ErrorCode::kBadRequest, "key id ", h.key,
+                      " is not in the checkpoint this server was restored from (different model or "
+                      "shard layout?)");
         }
         return false;
       case MsgType::kInit:
@@ -525,6 +556,7 @@ struct Server::Impl {
     std::vector<pollfd> fds;
     std::vector<uint64_t> ids;
     for (;;) {
+      serve_snapshot();  // between requests: every key is at a consistent point
       if (stop_requested.load()) return;
       auto now = Clock::now();
       if (draining && (all_flushed() || now >= drain_deadline)) return;
@@ -601,6 +633,20 @@ void Server::start() {
   // accept_all() takes connections until EAGAIN: a blocking listener would hang the loop.
   int lfd = impl->listener->fd();
   RINGCC_SYSCHECK(::fcntl(lfd, F_SETFL, ::fcntl(lfd, F_GETFL, 0) | O_NONBLOCK), "ps listener O_NONBLOCK");
+  if (has_restored_) {
+    for (KeyState& ks : restored_) {
+      Key& k = impl->keys[ks.id];
+      k.id = ks.id;
+      k.name = std::move(ks.name);
+      k.numel = ks.numel;
+      k.dtype = ks.dtype;
+      k.version = ks.version;
+      k.values = std::move(ks.values);
+      k.momentum = std::move(ks.momentum);
+    }
+    restored_.clear();
+    impl->fixed_keys = true;
+  }
   impl_ = std::move(impl);
   running_ = true;
   thread_ = std::thread([this] {
@@ -611,6 +657,12 @@ void Server::start() {
       err = e.what();
     }
     impl_->listener->close_now();
+    {
+      // From here the state is no longer touched by this thread; snapshot() reads it.
+      std::lock_guard<std::mutex> lock(impl_->snap_mu);
+      impl_->loop_exited = true;
+    }
+    impl_->snap_cv.notify_all();
     running_ = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -637,6 +689,44 @@ bool Server::wait(double timeout) {
     return true;
   }
   return done_cv_.wait_for(lock, std::chrono::duration<double>(timeout), [&] { return done_; });
+}
+
+void Server::restore(std::vector<KeyState> keys) {
+  RINGCC_CHECK_ARG(!impl_, "ps server: restore() must come before start()");
+  std::set<uint64_t> ids;
+  for (const KeyState& k : keys) {
+    RINGCC_CHECK_ARG(ids.insert(k.id).second, "ps restore: key id ", k.id, " appears twice");
+    RINGCC_CHECK_ARG(k.numel >= 1 && k.numel <= kMaxKeyElements, "ps restore: key '", k.name, "': numel ", k.numel,
+                     " out of range");
+    RINGCC_CHECK_ARG(k.dtype == DataType::kFloat32, "ps restore: key '", k.name, "': dtype ", dtype_name(k.dtype),
+                     " (keys hold float32)");
+    RINGCC_CHECK_ARG(k.name.size() <= kMaxNameBytes, "ps restore: key name longer than ", kMaxNameBytes);
+    RINGCC_CHECK_ARG(k.values.size() == k.numel, "ps restore: key '", k.name, "': ", k.values.size(),
+                     " values for numel ", k.numel);
+    RINGCC_CHECK_ARG(k.momentum.empty() || k.momentum.size() == k.numel, "ps restore: key '", k.name, "': ",
+                     k.momentum.size(), " momentum values for numel ", k.numel);
+  }
+  restored_ = std::move(keys);
+  has_restored_ = true;
+}
+
+std::vector<KeyState> Server::snapshot() {
+  RINGCC_CHECK_ARG(impl_, "ps server: snapshot() before start()");
+  std::lock_guard<std::mutex> one(snap_call_mu_);
+  Impl& im = *impl_;
+  std::unique_lock<std::mutex> lock(im.snap_mu);
+  if (im.loop_exited) return im.take_snapshot();
+  im.snap_wanted = true;
+  im.snap_ready = false;
+  char b = 1;
+  (void)!::write(im.wake[1], &b, 1);
+  im.snap_cv.wait(lock, [&] { return im.snap_ready || im.loop_exited; });
+  if (im.snap_ready) {
+    im.snap_ready = false;
+    return std::move(im.snap_out);
+  }
+  im.snap_wanted = false;
+  return im.take_snapshot();  // the loop ended first; its state is final
 }
 
 std::string Server::error() const {

@@ -13,6 +13,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "ringcc/ps/ps_protocol.h"
 
@@ -29,6 +30,18 @@ struct ServerOptions {
   float momentum = 0.0f;
   float weight_decay = 0.0f;
   uint64_t staleness = 0;   // async: a push may lag the key's version by at most this
+};
+
+// One key's durable state: what a checkpoint holds. An open sync round (a partial sum)
+// is not part of it: the workers retry that round against the restored server.
+struct KeyState {
+  uint64_t id = 0;
+  std::string name;
+  uint64_t numel = 0;
+  DataType dtype = DataType::kFloat32;
+  uint64_t version = 0;          // sync: completed rounds; async: updates applied
+  std::vector<float> values;     // sync: the last round's average; async: the parameters
+  std::vector<float> momentum;   // async with momentum; empty when never allocated
 };
 
 class Server {
@@ -50,6 +63,13 @@ class Server {
   // The loop's fatal error, if it died of one ("" otherwise).
   std::string error() const;
 
+  // Every key's state at one instant between two requests. While the loop runs, the
+  // loop thread makes the copy (it owns the state); after it ended, the caller does.
+  std::vector<KeyState> snapshot();
+  // Before start(): serve these keys (from a checkpoint) instead of an empty table. A
+  // restored server's key set is fixed: REGISTER of any other key is refused.
+  void restore(std::vector<KeyState> keys);
+
   struct Impl;
 
  private:
@@ -62,6 +82,9 @@ class Server {
   std::condition_variable done_cv_;
   bool done_ = false;
   std::string error_;
+  std::vector<KeyState> restored_;
+  bool has_restored_ = false;
+  std::mutex snap_call_mu_;  // one snapshot() at a time
 };
 
 }  // namespace ringcc::ps
