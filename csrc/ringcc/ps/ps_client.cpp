@@ -197,10 +197,21 @@ void Client::run(Link& l) {
 void Client::execute(Link& l, Request& r) {
   const std::string where = detail::concat("parameter server ", l.index, " at ", l.address);
   const Deadline deadline = Deadline::after(opts_.timeout);
-  // Any transport failure leaves the stream at an unknown point: the link is done.
+  // Any transport failure leaves the stream at an unknown point: the link is done. A
+  // socket error says nothing about which server went away, so the text gains `where`.
+  auto named = [&](const char* what) {
+    std::string s = what;
+    return s.find(where) != std::string::npos ? s : where + ": " + s;
+  };
   auto io = [&](auto&& fn) {
     try {
       fn();
+    } catch (const PeerError& e) {
+      l.broken = e.what();
+      throw PeerError(named(e.what()));
+    } catch (const TimeoutError& e) {
+      l.broken = e.what();
+      throw TimeoutError(named(e.what()));
     } catch (const std::exception& e) {
       l.broken = e.what();
       throw;
