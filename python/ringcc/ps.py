@@ -19,14 +19,19 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import hashlib
+import json
 import os
 import secrets
 import sys
+import tempfile
 import time
 import weakref
 import zlib
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
 
 from ._buffers import as_buffer
 from ._native import _C
@@ -87,7 +92,78 @@ def server_of(name: str, shard: int, num_servers: int) -> int:
 
 def key_id(name: str, shard: int) -> int:
     """64-bit key id of a shard (collisions between names are vanishingly unlikely)."""
-    return int.from_bytes(hashlib.blake2b(shard_name(name, shard).encode(), digest_size=8).digest(), "little")
+    return _id_of(shard_name(name, shard).encode())
+
+
+def _id_of(full: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(full, digest_size=8).digest(), "little")
+
+
+# ---------------------------------------------------------------------- checkpoints
+CHECKPOINT_FORMAT = "ringcc-ps-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A parameter-server checkpoint that cannot be restored here (unreadable, another
+    format version, or written for a different shard layout or mode)."""
+
+
+def _atomic_write(path: str, write) -> None:
+    """Write a file so that `path` is always either the old file or the complete new one:
+    write a temporary file in the same directory (same file system, so the rename is
+    atomic), fsync it, rename it over `path`, then fsync the directory so the rename
+    itself survives a crash."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def read_checkpoint(path: str) -> Tuple[Dict[str, Any], list]:
+    """(metadata, [(id, name bytes, numel, version, values, momentum or None)]) of a
+    checkpoint file, checked for internal consistency. NumPy's npz with pickling off:
+    JSON metadata and float32 arrays only."""
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"ps checkpoint {path!r} is not readable: {exc}") from exc
+    with z:
+        try:
+            meta = json.loads(bytes(z["meta"]).decode())
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"ps checkpoint {path!r} has no valid metadata: {exc}") from exc
+        if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
+            raise CheckpointError(f"ps checkpoint {path!r}: format {meta.get('format')!r} version "
+                                  f"{meta.get('version')!r}; this ringcc reads {CHECKPOINT_FORMAT!r} version "
+                                  f"{CHECKPOINT_VERSION}")
+        entries = []
+        for j, k in enumerate(meta["keys"]):
+            name = k["name"].encode("utf-8", "surrogateescape")
+            numel, version = int(k["numel"]), int(k["version"])
+            arrays = [z[f"values_{j}"], z[f"momentum_{j}"] if k["momentum"] else None]
+            for a in arrays:
+                if a is not None and (a.dtype != np.float32 or a.shape != (numel,)):
+                    raise CheckpointError(f"ps checkpoint {path!r}: key {k['name']!r} has an array of "
+                                          f"{a.dtype} {a.shape}, expected float32 ({numel},)")
+            if k["dtype"] != "float32" or version < 0:
+                raise CheckpointError(f"ps checkpoint {path!r}: key {k['name']!r}: bad dtype or version")
+            entries.append((int(k["id"]), name, numel, version, arrays[0], arrays[1]))
+    return meta, entries
 
 
 class Server:
@@ -100,11 +176,20 @@ class Server:
     to each push as it arrives, replying with the fresh parameters; a push computed from
     a version more than `staleness` updates old is refused with ringcc.ps.StaleError.
     `timeout`: how long a started sync round waits for the missing workers before every
-    waiter gets a TimeoutError naming them."""
+    waiter gets a TimeoutError naming them.
+
+    save(path) checkpoints every key (values, versions, async momentum) atomically;
+    `restore=path` starts from such a file instead of an empty table. It is refused
+    (CheckpointError) unless it was written by server `index` of `num_servers` in the
+    same mode, and, when `keys` ({name: numel} as the workers register them, with
+    their `shard_elements`) is given, unless it holds exactly this server's shards of
+    them. A restored server refuses REGISTER of keys not in the checkpoint."""
 
     def __init__(self, store: Any, index: int, num_servers: int, num_workers: int, mode: str = "sync", *,
                  lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0, staleness: int = 0,
-                 listen_host: Optional[str] = None, timeout: float = 300.0, prefix: str = DEFAULT_PREFIX):
+                 listen_host: Optional[str] = None, timeout: float = 300.0, prefix: str = DEFAULT_PREFIX,
+                 restore: Optional[str] = None, keys: Optional[Mapping[str, int]] = None,
+                 shard_elements: int = SHARD_ELEMENTS):
         if not isinstance(num_servers, int) or num_servers < 1:
             raise ValueError(f"num_servers must be a positive int, got {num_servers!r}")
         if not isinstance(index, int) or not 0 <= index < num_servers:
@@ -126,6 +211,59 @@ class Server:
         self._opts = dict(lr=float(lr), momentum=float(momentum), weight_decay=float(weight_decay),
                           staleness=staleness)
         self._native = None
+        self._restored = None
+        if restore is not None:
+            self._restored = self._check_checkpoint(restore, keys, shard_elements)
+        elif keys is not None:
+            raise ValueError("keys= only checks a checkpoint; pass restore= as well")
+
+    def _check_checkpoint(self, path: str, keys: Optional[Mapping[str, int]], shard_elements: int) -> list:
+        meta, entries = read_checkpoint(path)
+        where = f"ps checkpoint {path!r}"
+        if (meta["index"], meta["num_servers"]) != (self.index, self.num_servers):
+            raise CheckpointError(f"{where} was written by server {meta['index']} of {meta['num_servers']}; "
+                                  f"this is server {self.index} of {self.num_servers} (shard layout differs)")
+        if meta["mode"] != self.mode:
+            raise CheckpointError(f"{where} holds {meta['mode']} state; this server runs in {self.mode} mode")
+        for kid, name, _, _, _, _ in entries:
+            if _id_of(name) != kid or zlib.crc32(name) % self.num_servers != self.index:
+                raise CheckpointError(f"{where}: key {name!r} (id {kid}) does not belong on server {self.index} "
+                                      f"of {self.num_servers}")
+        if keys is not None:
+            want = {}
+            for tensor, numel in keys.items():
+                for i, off in enumerate(range(0, numel, shard_elements)):
+                    if server_of(tensor, i, self.num_servers) == self.index:
+                        want[shard_name(tensor, i)] = min(shard_elements, numel - off)
+            have = {name.decode("utf-8", "surrogateescape"): numel for _, name, numel, _, _, _ in entries}
+            if want != have:
+                missing = sorted(set(want) - set(have))
+                extra = sorted(set(have) - set(want))
+                resized = sorted(n for n in set(want) & set(have) if want[n] != have[n])
+                raise CheckpointError(f"{where} does not hold this server's shards of the given keys: missing "
+                                      f"{missing[:5]}, unexpected {extra[:5]}, different numel {resized[:5]}")
+        return entries
+
+    def save(self, path: str) -> str:
+        """Checkpoint every key at one instant between requests (the server loop takes the
+        copy), written atomically to `path`: it is always the old file or the whole new
+        one. An open sync round is not saved; its workers retry it. Returns path."""
+        if self._native is None:
+            raise RuntimeError("the server is not started")
+        entries = self._native.snapshot()
+        meta = dict(format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, index=self.index,
+                    num_servers=self.num_servers, num_workers=self.num_workers, mode=self.mode,
+                    optimizer=self._opts, saved_at=time.time(), keys=[])
+        arrays = {}
+        for j, (kid, name, numel, version, values, mom) in enumerate(entries):
+            meta["keys"].append(dict(id=kid, name=name.decode("utf-8", "surrogateescape"), numel=numel,
+                                     dtype="float32", version=version, momentum=mom is not None))
+            arrays[f"values_{j}"] = values
+            if mom is not None:
+                arrays[f"momentum_{j}"] = mom
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+        _atomic_write(path, lambda f: np.savez(f, **arrays))
+        return os.fspath(path)
 
     def start(self) -> "Server":
         if self._native is not None:
@@ -133,6 +271,9 @@ class Server:
         host = self._listen_host if self._listen_host is not None else _listen_address(self.store, None)
         token = _job_token(self.store, self._prefix, self.timeout)
         native = _C.PsServer(host, self.num_workers, _MODES[self.mode], token, self.timeout, **self._opts)
+        if self._restored is not None:
+            native.restore(self._restored)
+            self._restored = None  # the native server has its own copy
         native.start()
         self._native = native
         # Published last: a client that reads the address finds a server listening.
@@ -323,6 +464,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=None,
                    help="host:port of the job's TCPStore (default: MASTER_ADDR:MASTER_PORT, as torchrun sets)")
     p.add_argument("--listen-host", default=None, help="numeric IP to listen on (default: as the Communicator)")
+    p.add_argument("--restore", default=None, help="start from this checkpoint (written by the same server index)")
+    p.add_argument("--checkpoint", default=None, help="save a checkpoint here when the server ends")
     return p
 
 
@@ -345,16 +488,18 @@ def run_server_from_env(argv=None) -> int:
                           timeout=datetime.timedelta(seconds=max(args.timeout, 60.0)))
     server = Server(store, args.index, args.num_servers, args.num_workers, args.mode, lr=args.lr,
                     momentum=args.momentum, weight_decay=args.weight_decay, staleness=args.staleness,
-                    listen_host=args.listen_host, timeout=args.timeout).start()
+                    listen_host=args.listen_host, timeout=args.timeout, restore=args.restore).start()
     print(f"ringcc ps-server {args.index}/{args.num_servers} ({args.mode}, {args.num_workers} workers) "
           f"listening on {server.address}", flush=True)
     try:
         server.wait()
     finally:
         server.stop()
+        if args.checkpoint:
+            server.save(args.checkpoint)  # the loop has ended: this is the final state
     print(f"ringcc ps-server {args.index}: every worker sent SHUTDOWN; exiting", flush=True)
     return 0
 
 
-__all__ = ["Server", "Client", "PsWork", "StaleError", "SHARD_ELEMENTS", "server_of", "key_id", "shard_name",
-           "run_server_from_env"]
+__all__ = ["Server", "Client", "PsWork", "StaleError", "CheckpointError", "SHARD_ELEMENTS", "server_of", "key_id",
+           "shard_name", "read_checkpoint", "run_server_from_env"]
