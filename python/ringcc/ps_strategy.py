@@ -265,7 +265,7 @@ def auto_strategy(group: Any, compression: Optional[str], error_feedback: bool, 
         return RingStrategy(ring, compression, error_feedback)
     if ring is not None:
         ring.abort()  # formed here, but not everywhere: leave it
-    log.warning("ringcc: the ring could not be formed (ranks %s failed to connect); falling back to the parameter "
+    log.warning("ringcc: the ring could not be formed (the attempt failed on ranks %s); falling back to the parameter "
                 "server (sync, co-located). %s", sorted(failed),
                 "; ".join(f"rank {r}: {text}" for r, text in sorted(failed.items())))
     if error_feedback:
