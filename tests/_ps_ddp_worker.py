@@ -26,7 +26,7 @@ from torch import nn
 
 import _ddp_worker as ddpw  # tests/ is this script's directory
 import _torch_backend_worker as base
-from _ddp_worker import SMALL_CAP_MB, all_data, compare, make, max_diff, train_ddp, train_single
+from _ddp_worker import SMALL_CAP_MB, all_data, compare, max_diff, train_ddp, train_single
 from _torch_backend_worker import Checks, load_backend, same_on_every_rank
 
 CAPS = dict(bucket_cap_mb=SMALL_CAP_MB, first_bucket_mb=SMALL_CAP_MB)  # several buckets

@@ -128,7 +128,9 @@ class PsStrategy:
 
         if options.dedicated_servers:
             # `ringcc ps-server` publishes under the default prefix of the job's root store.
-            store = options.store if options.store is not None else _root_store(dist.distributed_c10d._get_default_store())
+            store = options.store
+            if store is None:
+                store = _root_store(dist.distributed_c10d._get_default_store())
             prefix = _ps.DEFAULT_PREFIX
             num_servers = options.dedicated_servers
         else:
