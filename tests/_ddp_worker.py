@@ -367,10 +367,14 @@ def check_wrap(c: Checks) -> None:
     c.run("wrap/shape_mismatch_error", mismatch)
 
     def bad_options():
-        expect_error(lambda: ringcc.DistributedDataParallel(make(), strategy="ps"), NotImplementedError,
-                     "parameter-server")
-        expect_error(lambda: ringcc.DistributedDataParallel(make(), strategy="auto"), NotImplementedError,
-                     "parameter-server")
+        # strategy "ps"/"auto" are tested in test_ps_ddp.py; their option errors here.
+        expect_error(lambda: ringcc.DistributedDataParallel(make(), strategy="ps", ps_options=dict(servers=2)),
+                     TypeError, "unknown ps_options", "servers")
+        expect_error(lambda: ringcc.DistributedDataParallel(make(), strategy="ps", ps_options=dict(mode="lazy")),
+                     ValueError, "'sync' or 'async'")
+        expect_error(lambda: ringcc.DistributedDataParallel(make(), strategy="ps", compression="fp16",
+                                                            error_feedback=True), ValueError, "error_feedback")
+        expect_error(lambda: ringcc.DistributedDataParallel(make(), strategy="bogus"), ValueError, "'ps' or 'auto'")
         expect_error(lambda: ringcc.DistributedDataParallel(make(), compression="fp16", process_group=GLOO),
                      ValueError, "needs a ringcc process group")
         expect_error(lambda: ringcc.DistributedDataParallel(make(), compression="int8"), ValueError, "int8")

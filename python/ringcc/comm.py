@@ -110,6 +110,25 @@ def _listen_address(store: Any, explicit: Optional[str]) -> str:
         return "127.0.0.1"
 
 
+def _test_unreachable(infos: list, rank: int) -> list:
+    """Test hook: RINGCC_TEST_UNREACHABLE="0-1,2-3" makes each listed pair of ranks
+    unable to connect, as ranks behind a firewall would be. Each side of a pair treats
+    the other as on another host (so TCP, not shared memory) at an address where nothing
+    listens, so the dialling side's connect is refused and the accepting side waits for
+    a connection that never comes; both fail at the Communicator's timeout."""
+    spec = os.environ.get("RINGCC_TEST_UNREACHABLE", "")
+    if not spec:
+        return infos
+    out = list(infos)
+    for pair in spec.split(","):
+        a, b = (int(x) for x in pair.split("-"))
+        if rank in (a, b) and a != b and max(a, b) < len(out):
+            peer = b if rank == a else a
+            fields = [f for f in out[peer].split(";") if not f.startswith(("host=", "tcp="))]
+            out[peer] = ";".join(fields + ["host=unreachable", "tcp=127.0.0.1:1"])
+    return out
+
+
 class Work:
     """Handle of an asynchronous operation (returned when ``async_op=True``)."""
 
@@ -219,7 +238,7 @@ class Communicator:
         client = StoreClient(store, f"ringcc/{name}/{generation}/", self.timeout)
         client.set(f"info/{rank}", self._native.local_info())
         infos = [client.get(f"info/{r}") for r in range(world_size)]
-        self._native.connect(infos)
+        self._native.connect(_test_unreachable(infos, rank))
         _live.add(self)
 
     # ------------------------------------------------------------------ helpers

@@ -84,20 +84,28 @@ class RingStrategy:
             self._residuals[k] = r.detach().clone().to(torch.float32)
 
 
-def make_strategy(strategy: Any, group: Any, compression: Optional[str], error_feedback: bool) -> Any:
-    """The strategy object for ``strategy`` ("ring", or an object with allreduce_bucket)."""
+def make_strategy(strategy: Any, group: Any, compression: Optional[str], error_feedback: bool,
+                  ps_options: Optional[Dict[str, Any]] = None, ring_timeout: float = 60.0) -> Any:
+    """The strategy object for ``strategy`` ("ring", "ps", "auto", or an object with
+    allreduce_bucket)."""
     if not isinstance(strategy, str):
         if not callable(getattr(strategy, "allreduce_bucket", None)):
-            raise TypeError("ringcc.DistributedDataParallel: strategy must be 'ring' or an object with "
-                            "allreduce_bucket(flat, bucket_index)")
+            raise TypeError("ringcc.DistributedDataParallel: strategy must be 'ring', 'ps', 'auto' or an object "
+                            "with allreduce_bucket(flat, bucket_index)")
         return strategy
     if strategy == "ring":
         return RingStrategy(group, compression, error_feedback)
     if strategy in ("ps", "auto"):
-        raise NotImplementedError(f"ringcc.DistributedDataParallel: strategy={strategy!r} needs the parameter-server "
-                                  "strategy, which is not written yet (README roadmap: 'Parameter-server fallback "
-                                  "strategy'); use strategy='ring'")
-    raise ValueError(f"ringcc.DistributedDataParallel: unknown strategy {strategy!r} (expected 'ring')")
+        from . import ps_strategy  # the parameter-server pieces load only when asked for
+
+        options = ps_strategy.PsOptions.from_user(ps_options)
+        if strategy == "auto":
+            return ps_strategy.auto_strategy(group, compression, error_feedback, options, ring_timeout)
+        if error_feedback:
+            raise ValueError("ringcc.DistributedDataParallel: error_feedback is not supported with strategy='ps'")
+        return ps_strategy.PsStrategy(group, compression, options)
+    raise ValueError(f"ringcc.DistributedDataParallel: unknown strategy {strategy!r} (expected 'ring', 'ps' or "
+                     f"'auto')")
 
 
 class _BusyClock:
@@ -247,8 +255,27 @@ class DistributedDataParallel(nn.Module):
             native block-scaled compressed allreduce (needs a ringcc group).
         error_feedback: with compression, carry each bucket's rounding error into the
             next step (a residual per bucket).
-        strategy: "ring" (an allreduce of each bucket), or an object with
-            ``allreduce_bucket(flat, bucket_index)``; "ps"/"auto" are not written yet.
+        strategy: "ring" (an allreduce of each bucket); "ps" (each bucket goes through
+            ringcc's parameter servers, see ``ps_options``); "auto" (the ring if every
+            pair of ranks connects within ``ring_timeout`` seconds, else the parameter
+            server, sync and co-located; the failed ranks and errors are logged on
+            logger "ringcc"; on a non-ringcc default group such as gloo it forms a ringcc
+            group of its own); or an object with ``allreduce_bucket(flat, bucket_index)``.
+        ps_options: for "ps"/"auto", a dict of ringcc.ps_strategy.PsOptions: ``mode``
+            "sync" (default: gradients averaged, results as with the ring) or "async";
+            ``num_servers`` co-located servers on ranks 0.. (default 1), or
+            ``dedicated_servers=N`` when N ``ringcc ps-server`` processes serve the job
+            (found through the default group's TCPStore; start order does not matter);
+            async: ``lr``, ``momentum``, ``weight_decay``, ``staleness``; ``timeout``,
+            ``shutdown_timeout``, ``store``.
+            Async mode: the servers hold the parameters and run SGD; each backward
+            pushes the gradients and the wrapper copies the fresh parameters into the
+            module. Do not call ``optimizer.step()`` (pass none or a no-op one); call
+            ``zero_grad()`` each step as usual (``p.grad`` keeps this rank's local
+            gradient). Buckets are not rebuilt, buffers are broadcast only at wrap, and
+            find_unused_parameters is refused: nothing per step waits for other ranks,
+            so a worker that dies does not stop the others. Close with ``close()``.
+        ring_timeout: seconds "auto" gives the ring to connect.
         process_group: the group (default: the default group). Any backend works
             without compression.
         broadcast_buffers: broadcast the module's buffers from rank 0 before each
@@ -271,7 +298,8 @@ class DistributedDataParallel(nn.Module):
     def __init__(self, module: nn.Module, *, bucket_cap_mb: float = 25, first_bucket_mb: float = 1,
                  compression: Optional[str] = None, error_feedback: bool = False, strategy: Any = "ring",
                  process_group: Any = None, broadcast_buffers: bool = True, find_unused_parameters: bool = False,
-                 gradient_as_bucket_view: bool = False, comm_hook: Any = None):
+                 gradient_as_bucket_view: bool = False, comm_hook: Any = None,
+                 ps_options: Optional[Dict[str, Any]] = None, ring_timeout: float = 60.0):
         super().__init__()
         if not dist.is_initialized():
             raise RuntimeError("ringcc.DistributedDataParallel: call torch.distributed.init_process_group first")
@@ -295,7 +323,8 @@ class DistributedDataParallel(nn.Module):
         named = list(module.named_parameters())
         self._check_devices(named, list(module.named_buffers()))
         if compression is not None:
-            if not _hooks.is_ringcc_group(group):
+            # "ps" sends 16-bit values itself; "auto" forms a ringcc group of its own.
+            if strategy not in ("ps", "auto") and not _hooks.is_ringcc_group(group):
                 raise ValueError(f"ringcc.DistributedDataParallel: compression={compression!r} needs a ringcc process "
                                  f"group (dist.init_process_group('ringcc') or dist.new_group(backend='ringcc')); "
                                  f"got {type(group).__name__}")
@@ -303,8 +332,19 @@ class DistributedDataParallel(nn.Module):
             if bad:
                 raise ValueError(f"ringcc.DistributedDataParallel: compression handles float32 gradients only; "
                                  f"not float32: {', '.join(bad)}")
+        if isinstance(strategy, str) and strategy in ("ps", "auto"):
+            bad = [n for n, p in named if p.requires_grad and p.dtype != torch.float32]
+            if bad:  # "auto" may fall back to the servers
+                raise ValueError(f"ringcc.DistributedDataParallel: the parameter servers hold float32 tensors "
+                                 f"only; not float32: {', '.join(bad)}")
+            if find_unused_parameters and (ps_options or {}).get("mode") == "async":
+                raise ValueError("ringcc.DistributedDataParallel: find_unused_parameters needs a collective per "
+                                 "step, which async parameter-server mode does without")
         # Made first: a refused strategy must fail before any wrap-time collective.
-        self._strategy = make_strategy(strategy, group, compression, error_feedback)
+        self._strategy = make_strategy(strategy, group, compression, error_feedback, ps_options, ring_timeout)
+        # Async parameter server: what comes back is parameters, and nothing per step may
+        # wait for the other ranks.
+        self._holds_parameters = bool(getattr(self._strategy, "holds_parameters", False))
         self._verify_same_model()
         self._broadcast_state(include_params=True)
 
@@ -315,6 +355,9 @@ class DistributedDataParallel(nn.Module):
         reverse = list(range(len(self._params)))[::-1]  # gradients tend to arrive in this order
         self._build_buckets(reverse)
         self.buckets_rebuilt = False
+        if self._holds_parameters:
+            self.buckets_rebuilt = True  # the servers keep state per bucket: keep this layout
+            self._strategy.init_parameters([[self._params[i] for i in b.params] for b in self._buckets])
 
         self._hook: Optional[Tuple[Any, Callable[..., Any]]] = None
         if comm_hook is not None:
@@ -448,7 +491,8 @@ class DistributedDataParallel(nn.Module):
             self._abandon_iteration()
         grad = torch.is_grad_enabled()
         self._sync_this_step = self._sync_enabled
-        if grad and self._sync_enabled and self.broadcast_buffers and self.world_size > 1:
+        if grad and self._sync_enabled and self.broadcast_buffers and self.world_size > 1 \
+                and not self._holds_parameters:
             self._broadcast_state(include_params=False)
         out = self.module(*args, **kwargs)
         if grad and self._sync_enabled and self.find_unused_parameters:
@@ -480,6 +524,8 @@ class DistributedDataParallel(nn.Module):
             raise RuntimeError("ringcc.DistributedDataParallel: register the comm hook before the first backward")
         if not callable(hook):
             raise TypeError("ringcc.DistributedDataParallel: hook must be callable")
+        if getattr(self, "_holds_parameters", False):
+            raise RuntimeError("ringcc.DistributedDataParallel: async parameter-server mode takes no comm hook")
         self._hook = (state, hook)
 
     def bucket_parameter_names(self) -> List[List[str]]:
@@ -487,12 +533,17 @@ class DistributedDataParallel(nn.Module):
         return [[self._names[i] for i in b.params] for b in self._buckets]
 
     def close(self) -> None:
-        """Remove the gradient hooks and flush the timeline (the wrapper stops syncing)."""
+        """Remove the gradient hooks, flush the timeline and close the strategy (the
+        parameter-server strategy says goodbye to the servers; a co-located server
+        serves until every worker has). The wrapper stops syncing."""
         for h in self._handles:
             h.remove()
         self._handles = []
         if self._timeline is not None:
             self._timeline.flush()
+        close = getattr(self._strategy, "close", None)
+        if close is not None:
+            close()
 
     # ------------------------------------------------------------------ per step
     def _reset_iteration(self) -> None:
@@ -592,7 +643,10 @@ class DistributedDataParallel(nn.Module):
             for b in self._buckets:
                 self._wait(b)
                 t0 = tl.now() if tl is not None else 0.0
-                self._unpack(b, used)
+                if self._holds_parameters:
+                    self._unpack_parameters(b)
+                else:
+                    self._unpack(b, used)
                 if tl is not None:
                     tl.complete("unpack", t0, tl.now(), bucket=b.index, step=self._step)
             if not self.buckets_rebuilt:
@@ -636,6 +690,11 @@ class DistributedDataParallel(nn.Module):
                     srcs.append(view)
             if dsts:
                 torch._foreach_copy_(dsts, srcs)
+
+    def _unpack_parameters(self, b: _Bucket) -> None:
+        """Async parameter server: the bucket holds the servers' fresh parameters."""
+        with torch.no_grad():
+            torch._foreach_copy_([self._params[i] for i in b.params], b.views())
 
     def _rebuild(self) -> None:
         """Re-bucket once in the order rank 0's gradients arrived in (broadcast, so every
