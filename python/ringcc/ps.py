@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import contextlib
 import hashlib
 import json
 import os
 import secrets
 import sys
-import tempfile
 import time
 import weakref
 import zlib
@@ -33,6 +31,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
+from . import _files
 from ._buffers import as_buffer
 from ._native import _C
 from ._store import StoreClient, _text
@@ -107,31 +106,6 @@ CHECKPOINT_VERSION = 1
 class CheckpointError(ValueError):
     """A parameter-server checkpoint that cannot be restored here (unreadable, another
     format version, or written for a different shard layout or mode)."""
-
-
-def _atomic_write(path: str, write) -> None:
-    """Write a file so that `path` is always either the old file or the complete new one:
-    write a temporary file in the same directory (same file system, so the rename is
-    atomic), fsync it, rename it over `path`, then fsync the directory so the rename
-    itself survives a crash."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def read_checkpoint(path: str) -> Tuple[Dict[str, Any], list]:
@@ -262,7 +236,7 @@ class Server:
             if mom is not None:
                 arrays[f"momentum_{j}"] = mom
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-        _atomic_write(path, lambda f: np.savez(f, **arrays))
+        _files.atomic_write(path, lambda f: np.savez(f, **arrays))
         return os.fspath(path)
 
     def start(self) -> "Server":

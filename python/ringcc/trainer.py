@@ -70,7 +70,6 @@ import math
 import os
 import random
 import re
-import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -78,6 +77,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler, TensorDataset, default_collate
+
+from . import _files
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8,})\.pt$")
 FORMAT = 1  # checkpoint layout version
@@ -176,28 +177,8 @@ def torch_ddp(module: torch.nn.Module, *, compression: Optional[str] = None, err
 # ------------------------------------------------------------------------ checkpoints
 def atomic_save(obj: Any, path: str) -> None:
     """``torch.save(obj, path)`` such that `path` is at every moment absent, the old
-    file or the complete new one: write a temporary file in the same directory (same
-    filesystem, so the rename is atomic), fsync it, ``os.replace`` it onto `path`, then
-    fsync the directory so the rename itself survives a crash. On error the temporary
-    file is removed and `path` is untouched."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # not every platform can open a directory
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    file or the complete new one (see ``ringcc._files.atomic_write``)."""
+    _files.atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def checkpoint_path(directory: str, step: int) -> str:
