@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch.distributed as dist
 
-from ringcc import _C, ps
+from ringcc import ps
 
 F32 = np.float32
 HDR = "<IHBBIBBHQQQQQQ"  # magic version type code sender dtype wire flags key numel payload round aux reserved
