@@ -198,7 +198,7 @@ def test_async_staleness_bound_refuses_old_pushes():
 
 
 # --------------------------------------------------------------------------- bad input
-def _hdr(mtype, *, sender=0, dtype=2, wire=0, key=0, numel=0, payload=0, rnd=0, magic=0x53504352, version=1):
+def _hdr(mtype, *, sender=0, dtype=2, wire=0, key=0, numel=0, payload=0, rnd=0, magic=0x53504352, version=2):
     return struct.pack("<IHBBIBBHQQQQQQ", magic, version, mtype, 0, sender, dtype, wire, 0, key, numel, payload,
                        rnd, 0, 0)
 

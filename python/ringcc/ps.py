@@ -13,6 +13,11 @@ Rendezvous goes through the job's store (any torch Store, or an object with set/
 server i publishes its address under "ps/server/{i}", and clients wait for those keys,
 so servers and workers may start in any order. The job token that every connection must
 present lives under "ps/token"; whoever needs it first creates it (see _job_token).
+
+A worker on the same host as a server (equal host ids, as the collectives decide it;
+RINGCC_HOST_ID overrides) moves payloads through a per-connection shared-memory object
+and only the 64-byte headers over TCP; transport="tcp" (or RINGCC_PS_TRANSPORT=tcp) on
+either side keeps everything on TCP.
 """
 
 from __future__ import annotations
@@ -46,6 +51,13 @@ _WIRES = {None: _C.Compression.none, "none": _C.Compression.none, "fp16": _C.Com
           "bf16": _C.Compression.bf16}
 
 _live_clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
+
+
+def _transport(transport: Optional[str]) -> str:
+    t = transport or os.environ.get("RINGCC_PS_TRANSPORT", "auto")
+    if t not in ("auto", "tcp"):
+        raise ValueError(f"ps: transport must be 'auto' or 'tcp', got {t!r}")
+    return t
 
 
 @atexit.register
@@ -150,7 +162,9 @@ class Server:
     to each push as it arrives, replying with the fresh parameters; a push computed from
     a version more than `staleness` updates old is refused with ringcc.ps.StaleError.
     `timeout`: how long a started sync round waits for the missing workers before every
-    waiter gets a TimeoutError naming them.
+    waiter gets a TimeoutError naming them. `transport`: "auto" (default, or
+    RINGCC_PS_TRANSPORT) lets workers on this host (`host_id`, default RINGCC_HOST_ID or
+    detected) send payloads through shared memory; "tcp" refuses that.
 
     save(path) checkpoints every key (values, versions, async momentum) atomically;
     `restore=path` starts from such a file instead of an empty table. It is refused
@@ -163,7 +177,8 @@ class Server:
                  lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0, staleness: int = 0,
                  listen_host: Optional[str] = None, timeout: float = 300.0, prefix: str = DEFAULT_PREFIX,
                  restore: Optional[str] = None, keys: Optional[Mapping[str, int]] = None,
-                 shard_elements: int = SHARD_ELEMENTS):
+                 shard_elements: int = SHARD_ELEMENTS, transport: Optional[str] = None,
+                 host_id: Optional[str] = None):
         if not isinstance(num_servers, int) or num_servers < 1:
             raise ValueError(f"num_servers must be a positive int, got {num_servers!r}")
         if not isinstance(index, int) or not 0 <= index < num_servers:
@@ -184,6 +199,7 @@ class Server:
         self._listen_host = listen_host
         self._opts = dict(lr=float(lr), momentum=float(momentum), weight_decay=float(weight_decay),
                           staleness=staleness)
+        self._link = dict(transport=_transport(transport), host_id=host_id or os.environ.get("RINGCC_HOST_ID", ""))
         self._native = None
         self._restored = None
         if restore is not None:
@@ -244,7 +260,8 @@ class Server:
             raise RuntimeError("Server.start() called twice")
         host = self._listen_host if self._listen_host is not None else _listen_address(self.store, None)
         token = _job_token(self.store, self._prefix, self.timeout)
-        native = _C.PsServer(host, self.num_workers, _MODES[self.mode], token, self.timeout, **self._opts)
+        native = _C.PsServer(host, self.num_workers, _MODES[self.mode], token, self.timeout, **self._opts,
+                             **self._link)
         if self._restored is not None:
             native.restore(self._restored)
             self._restored = None  # the native server has its own copy
@@ -320,10 +337,17 @@ class Client:
 
     Waits in the store for each server's address (start order does not matter), then
     connects and authenticates with the job token. `shard_elements` must be the same on
-    every worker. `token` overrides the store's job token (for tools and tests)."""
+    every worker. `token` overrides the store's job token (for tools and tests).
+
+    A server on the same host (equal `host_id`, default RINGCC_HOST_ID or detected) gets
+    a shared-memory object of 2 x `shm_bytes` (default 4 MiB + 4 KiB: one default shard)
+    for this connection's payloads; larger payloads, other hosts, transport="tcp" (or
+    RINGCC_PS_TRANSPORT=tcp) and any failure to set it up use TCP. transport_to(i)
+    says which one server i's connection uses."""
 
     def __init__(self, store: Any, rank: int, num_workers: int, num_servers: int, *, timeout: float = 300.0,
-                 shard_elements: int = SHARD_ELEMENTS, prefix: str = DEFAULT_PREFIX, token: Optional[str] = None):
+                 shard_elements: int = SHARD_ELEMENTS, prefix: str = DEFAULT_PREFIX, token: Optional[str] = None,
+                 transport: Optional[str] = None, host_id: Optional[str] = None, shm_bytes: Optional[int] = None):
         if not isinstance(num_workers, int) or num_workers < 1:
             raise ValueError(f"num_workers must be a positive int, got {num_workers!r}")
         if not isinstance(rank, int) or not 0 <= rank < num_workers:
@@ -337,11 +361,15 @@ class Client:
         self.num_servers = num_servers
         self.shard_elements = shard_elements
         self.timeout = _seconds(timeout, "timeout")
+        transport = _transport(transport)
+        if shm_bytes is not None and (not isinstance(shm_bytes, int) or shm_bytes < 4096):
+            raise ValueError(f"ps: shm_bytes must be an int >= 4096, got {shm_bytes!r}")
         if token is None:
             token = _job_token(store, prefix, self.timeout)
         lookup = StoreClient(store, prefix, self.timeout)
         addresses = [lookup.get(f"server/{i}") for i in range(num_servers)]
-        self._native = _C.PsClient(rank, num_workers, token, addresses, self.timeout)
+        self._native = _C.PsClient(rank, num_workers, token, addresses, self.timeout, transport,
+                                   host_id or os.environ.get("RINGCC_HOST_ID", ""), shm_bytes or 0)
         self._keys: dict = {}  # name -> (numel, [(server, key, offset, count)])
         _live_clients.add(self)
 
@@ -367,6 +395,15 @@ class Client:
     @staticmethod
     def _wait_all(handles: list) -> None:
         PsWork(handles, None, ()).wait()
+
+    def transport_to(self, server: int) -> str:
+        """"shm" if payloads to server `server` (index) go through shared memory, else "tcp"."""
+        return self._native.stats(server)["transport"]
+
+    def transport_stats(self, server: int) -> dict:
+        """{"transport", "shm_payloads", "tcp_payloads"}: payload-carrying requests and
+        replies on server `server`'s connection so far, by the path they took."""
+        return self._native.stats(server)
 
     # ------------------------------------------------------------------ API
     def register(self, name: str, numel: int) -> None:

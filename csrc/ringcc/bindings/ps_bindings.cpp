@@ -55,7 +55,8 @@ void bind_ps(py::module_& m) {
 
   py::class_<ps::Server>(m, "PsServer")
       .def(py::init([](const std::string& listen_host, int num_workers, ps::Mode mode, const std::string& token,
-                       double timeout, float lr, float momentum, float weight_decay, uint64_t staleness) {
+                       double timeout, float lr, float momentum, float weight_decay, uint64_t staleness,
+                       const std::string& transport, const std::string& host_id) {
              ps::ServerOptions o;
              o.listen_host = listen_host;
              o.num_workers = num_workers;
@@ -66,10 +67,13 @@ void bind_ps(py::module_& m) {
              o.momentum = momentum;
              o.weight_decay = weight_decay;
              o.staleness = staleness;
+             o.transport = transport;
+             o.host_id = host_id;
              return std::make_unique<ps::Server>(std::move(o));
            }),
            py::arg("listen_host"), py::arg("num_workers"), py::arg("mode"), py::arg("token"), py::arg("timeout"),
-           py::arg("lr"), py::arg("momentum"), py::arg("weight_decay"), py::arg("staleness"))
+           py::arg("lr"), py::arg("momentum"), py::arg("weight_decay"), py::arg("staleness"),
+           py::arg("transport") = "auto", py::arg("host_id") = "")
       .def("start", &ps::Server::start, gil_free())
       .def("stop", &ps::Server::stop, gil_free())
       .def("wait", &ps::Server::wait, py::arg("timeout") = -1.0, gil_free())
@@ -115,8 +119,12 @@ void bind_ps(py::module_& m) {
 
   py::class_<ps::Client>(m, "PsClient")
       .def(py::init([](int rank, int num_workers, const std::string& token, std::vector<std::string> servers,
-                       double timeout) {
+                       double timeout, const std::string& transport, const std::string& host_id,
+                       uint64_t shm_region_bytes) {
              ps::ClientOptions o;
+             o.transport = transport;
+             o.host_id = host_id;
+             if (shm_region_bytes) o.shm_region_bytes = shm_region_bytes;
              o.rank = rank;
              o.num_workers = num_workers;
              o.token = token;
@@ -125,8 +133,18 @@ void bind_ps(py::module_& m) {
              py::gil_scoped_release nogil;  // connecting blocks until every server answers
              return std::make_unique<ps::Client>(std::move(o));
            }),
-           py::arg("rank"), py::arg("num_workers"), py::arg("token"), py::arg("servers"), py::arg("timeout"))
+           py::arg("rank"), py::arg("num_workers"), py::arg("token"), py::arg("servers"), py::arg("timeout"),
+           py::arg("transport") = "auto", py::arg("host_id") = "", py::arg("shm_region_bytes") = 0)
       .def_property_readonly("num_servers", &ps::Client::num_servers)
+      // {"transport": "shm" | "tcp", "shm_payloads": n, "tcp_payloads": n} of one connection.
+      .def("stats", [](const ps::Client& c, int server) {
+             ps::LinkStats s = c.stats(server);
+             py::dict d;
+             d["transport"] = s.shm ? "shm" : "tcp";
+             d["shm_payloads"] = s.shm_payloads;
+             d["tcp_payloads"] = s.tcp_payloads;
+             return d;
+           })
       .def("mode", &ps::Client::mode)
       .def("register_key", &ps::Client::register_key, py::arg("server"), py::arg("key"), py::arg("name"),
            py::arg("numel"), py::arg("dtype") = DataType::kFloat32)

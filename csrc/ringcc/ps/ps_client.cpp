@@ -3,9 +3,12 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <cstdio>
 #include <cstring>
 
 #include "ringcc/common/clock.h"
+#include "ringcc/engine/mesh.h"
 #include "ringcc/kernels/cpu/compress.h"
 #include "ringcc/transport/tcp/socket.h"
 
@@ -63,6 +66,13 @@ Client::Client(ClientOptions opts) : opts_(std::move(opts)) {
   RINGCC_CHECK_ARG(!opts_.servers.empty(), "ps client: no server addresses");
   RINGCC_CHECK_ARG(opts_.timeout > 0, "ps client: timeout must be positive");
   RINGCC_CHECK_ARG(opts_.token.size() <= kMaxTokenBytes, "ps client: job token longer than ", kMaxTokenBytes);
+  RINGCC_CHECK_ARG(opts_.transport == "auto" || opts_.transport == "tcp", "ps client: transport must be 'auto' or "
+                   "'tcp', got '", opts_.transport, "'");
+  RINGCC_CHECK_ARG(opts_.shm_region_bytes >= kMinShmRegionBytes && opts_.shm_region_bytes <= kMaxShmRegionBytes,
+                   "ps client: shm region of ", opts_.shm_region_bytes, " bytes out of range [", kMinShmRegionBytes,
+                   ", ", kMaxShmRegionBytes, "]");
+  host_key_ = opts_.host_id.empty() ? host_identity() : opts_.host_id;
+  RINGCC_CHECK_ARG(host_key_.size() <= kMaxHostIdBytes, "ps client: host id longer than ", kMaxHostIdBytes);
   for (size_t i = 0; i < opts_.servers.size(); ++i) {
     auto l = std::make_unique<Link>();
     l->index = static_cast<int>(i);
@@ -93,6 +103,12 @@ Client::~Client() { close(); }
 Mode Client::mode(int server) const {
   RINGCC_CHECK_ARG(server >= 0 && server < num_servers(), "ps client: server ", server, " out of range");
   return links_[server]->mode;
+}
+
+LinkStats Client::stats(int server) const {
+  RINGCC_CHECK_ARG(server >= 0 && server < num_servers(), "ps client: server ", server, " out of range");
+  const Link& l = *links_[server];
+  return LinkStats{static_cast<bool>(l.shm), l.shm_payloads.load(), l.tcp_payloads.load()};
 }
 
 std::shared_ptr<Handle> Client::submit(int server, Request r) {
@@ -194,6 +210,58 @@ void Client::run(Link& l) {
   }
 }
 
+// After HELLO: if the server is on this host, give it a shared-memory object for the
+// payloads of this connection. A refusal or local failure is not an error: the
+// connection keeps using TCP, and says so once. Socket failures propagate.
+void Client::attach_shm(Link& l, const Deadline& deadline, const std::string& where) {
+  auto ask = [&](MsgType type, const std::string& payload, uint64_t aux, std::string* refusal) {
+    Header h;
+    h.type = type;
+    h.sender = static_cast<uint32_t>(opts_.rank);
+    h.aux = aux;
+    h.payload_bytes = payload.size();
+    tcp::send_all(l.fd, &h, sizeof(h), deadline, "sending a ps request");
+    if (!payload.empty()) tcp::send_all(l.fd, payload.data(), payload.size(), deadline, "sending a ps payload");
+    Header rep;
+    tcp::recv_all(l.fd, &rep, sizeof(rep), deadline, "waiting for a ps reply");
+    std::string bad = check_frame(rep);
+    if (bad.empty() && rep.type == MsgType::kError) {
+      if (rep.payload_bytes > kMaxErrorText || rep.flags != 0) bad = "malformed ERROR reply";
+    } else if (bad.empty() && (rep.type != MsgType::kOk || rep.payload_bytes != 0 || rep.flags != 0)) {
+      bad = detail::concat("unexpected ", msg_name(rep.type), " reply to ", msg_name(type));
+    }
+    if (!bad.empty()) RINGCC_THROW(PeerError, where, ": protocol error in the reply: ", bad);
+    if (rep.type == MsgType::kError) {
+      refusal->resize(rep.payload_bytes);
+      if (!refusal->empty()) tcp::recv_all(l.fd, refusal->data(), refusal->size(), deadline, "reading a ps error");
+      if (refusal->empty()) *refusal = "refused";
+    }
+    return rep;
+  };
+  auto fall_back = [&](const std::string& why) {
+    std::fprintf(stderr, "ringcc: ps worker %d, %s: shared memory not used (%s); payloads go over TCP\n",
+                 opts_.rank, where.c_str(), why.c_str());
+  };
+  std::string refusal;
+  Header rep = ask(MsgType::kShmProbe, host_key_, 0, &refusal);
+  if (!refusal.empty()) return fall_back(refusal);
+  if (rep.code != 1) return;  // another host, or a TCP-only server: nothing failed
+  transport::shm::Mapping m;
+  try {
+    m = transport::shm::Mapping::create(std::string(kShmNamePrefix) + std::to_string(opts_.rank) + "-",
+                                        2 * opts_.shm_region_bytes);
+  } catch (const std::exception& e) {
+    return fall_back(e.what());
+  }
+  rep = ask(MsgType::kShmAttach, m.name(), opts_.shm_region_bytes, &refusal);
+  // Mapped by the server or never will be: the name goes now, so /dev/shm holds
+  // nothing even if either process is killed later.
+  m.unlink();
+  if (!refusal.empty()) return fall_back(refusal);
+  l.shm_region = opts_.shm_region_bytes;
+  l.shm = std::move(m);
+}
+
 void Client::execute(Link& l, Request& r) {
   const std::string where = detail::concat("parameter server ", l.index, " at ", l.address);
   const Deadline deadline = Deadline::after(opts_.timeout);
@@ -243,6 +311,11 @@ void Client::execute(Link& l, Request& r) {
   auto it = l.seen.find(r.key);
   h.round = it == l.seen.end() ? 0 : it->second;
   const void* payload = nullptr;
+  // INIT and PUSH_PULL payloads that fit go into the request region instead.
+  char* region = nullptr;
+  if ((r.type == MsgType::kInit || r.type == MsgType::kPushPull) && l.shm &&
+      wire_bytes(r.numel, r.type == MsgType::kInit ? Compression::kNone : r.wire) <= l.shm_region)
+    region = l.shm.data();
   switch (r.type) {
     case MsgType::kHello:
       payload = opts_.token.data();
@@ -255,6 +328,7 @@ void Client::execute(Link& l, Request& r) {
     case MsgType::kInit:
       payload = r.in;
       h.payload_bytes = r.numel * 4;
+      if (region) std::memcpy(region, r.in, h.payload_bytes);
       break;
     case MsgType::kPushPull:
       RINGCC_CHECK_ARG(r.numel <= kMaxKeyElements, "ps: numel ", r.numel, " above the per-key limit ",
@@ -262,6 +336,9 @@ void Client::execute(Link& l, Request& r) {
       h.payload_bytes = wire_bytes(r.numel, r.wire);
       if (r.wire == Compression::kNone) {
         payload = r.in;
+        if (region) std::memcpy(region, r.in, h.payload_bytes);
+      } else if (region) {
+        kernels::compress(region, r.in, r.numel, wire_type(r.wire));
       } else {
         l.scratch.resize(h.payload_bytes);
         kernels::compress(l.scratch.data(), r.in, r.numel, wire_type(r.wire));
@@ -271,14 +348,26 @@ void Client::execute(Link& l, Request& r) {
     default:
       break;
   }
+  if (region) {
+    h.flags = kFlagShmPayload;
+    std::atomic_thread_fence(std::memory_order_release);  // the region, then the header
+    l.shm_payloads.fetch_add(1, std::memory_order_relaxed);
+  } else if (r.type == MsgType::kInit || r.type == MsgType::kPushPull) {
+    l.tcp_payloads.fetch_add(1, std::memory_order_relaxed);
+  }
   Header rep;
   io([&] {
     tcp::send_all(l.fd, &h, sizeof(h), deadline, "sending a ps request");
-    if (h.payload_bytes) tcp::send_all(l.fd, payload, h.payload_bytes, deadline, "sending a ps payload");
+    if (h.payload_bytes && !region) tcp::send_all(l.fd, payload, h.payload_bytes, deadline, "sending a ps payload");
     tcp::recv_all(l.fd, &rep, sizeof(rep), deadline, "waiting for a ps reply");
     std::string bad = check_frame(rep);
     if (bad.empty() && rep.type != MsgType::kOk && rep.type != MsgType::kData && rep.type != MsgType::kError)
       bad = detail::concat("unexpected ", msg_name(rep.type), " message from the server");
+    // Only DATA may sit in shared memory, and only in a region this link has.
+    if (bad.empty() && (rep.flags & kFlagShmPayload) &&
+        (rep.type != MsgType::kData || !l.shm || rep.payload_bytes > l.shm_region))
+      bad = detail::concat(msg_name(rep.type), " reply of ", rep.payload_bytes,
+                           " bytes claims a shared-memory payload this connection cannot hold");
     if (!bad.empty()) RINGCC_THROW(PeerError, where, ": protocol error in the reply: ", bad);
   });
 
@@ -304,6 +393,7 @@ void Client::execute(Link& l, Request& r) {
     });
     if (r.type == MsgType::kHello) {
       l.mode = static_cast<Mode>(rep.code);
+      if (opts_.transport != "tcp") io([&] { attach_shm(l, deadline, where); });
     } else if (r.type != MsgType::kShutdown) {
       l.seen[r.key] = rep.round;
     }
@@ -317,6 +407,8 @@ void Client::execute(Link& l, Request& r) {
       RINGCC_THROW(PeerError, where, ": ", msg_name(r.type), " reply does not match the request (key ", rep.key,
                    " vs ", r.key, ", numel ", rep.numel, " vs ", r.numel, ", wire ", compression_name(rep.wire),
                    ", ", rep.payload_bytes, " bytes)");
+    if (rep.flags & kFlagShmPayload) return;
+    l.tcp_payloads.fetch_add(1, std::memory_order_relaxed);
     if (rep.wire == Compression::kNone) {
       tcp::recv_all(l.fd, r.out, rep.payload_bytes, deadline, "reading ps values");
     } else {
@@ -324,8 +416,17 @@ void Client::execute(Link& l, Request& r) {
       tcp::recv_all(l.fd, l.scratch.data(), rep.payload_bytes, deadline, "reading ps values");
     }
   });
-  if (rep.wire != Compression::kNone)
+  if (rep.flags & kFlagShmPayload) {  // sizes checked above; the reply region holds it
+    std::atomic_thread_fence(std::memory_order_acquire);
+    const char* src = l.shm.data() + l.shm_region;
+    if (rep.wire == Compression::kNone)
+      std::memcpy(r.out, src, rep.payload_bytes);
+    else
+      kernels::decompress(r.out, src, r.numel, wire_type(rep.wire), false);
+    l.shm_payloads.fetch_add(1, std::memory_order_relaxed);
+  } else if (rep.wire != Compression::kNone) {
     kernels::decompress(r.out, l.scratch.data(), r.numel, wire_type(rep.wire), false);
+  }
   l.seen[r.key] = rep.round;
 }
 

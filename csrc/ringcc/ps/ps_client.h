@@ -6,6 +6,7 @@
 // of one server in the same order, as with collectives).
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -17,8 +18,10 @@
 #include <unordered_map>
 #include <vector>
 
+#include "ringcc/common/clock.h"
 #include "ringcc/common/error.h"
 #include "ringcc/ps/ps_protocol.h"
+#include "ringcc/transport/shm/shm_segment.h"
 
 namespace ringcc::ps {
 
@@ -49,6 +52,17 @@ struct ClientOptions {
   std::string token;
   std::vector<std::string> servers;  // "host:port" of server i
   double timeout = 300.0;            // per request: connect, send and reply
+  // "auto": shared memory for payloads to servers on this host; "tcp": never.
+  std::string transport = "auto";
+  std::string host_id;               // "" = detect (as the collectives)
+  uint64_t shm_region_bytes = kDefaultShmRegionBytes;  // per direction; larger payloads use TCP
+};
+
+// How one connection moves payloads, and how many went each way so far.
+struct LinkStats {
+  bool shm = false;
+  uint64_t shm_payloads = 0;  // requests and replies whose payload was in shared memory
+  uint64_t tcp_payloads = 0;  // ... that travelled on the socket
 };
 
 class Client {
@@ -61,6 +75,7 @@ class Client {
 
   int num_servers() const { return static_cast<int>(links_.size()); }
   Mode mode(int server) const;
+  LinkStats stats(int server) const;
 
   // `name` only labels the key in the server's error messages.
   std::shared_ptr<Handle> register_key(int server, uint64_t key, const std::string& name, uint64_t numel,
@@ -103,13 +118,22 @@ class Client {
     std::string broken;  // why the connection cannot be used any more ("" if fine)
     std::unordered_map<uint64_t, uint64_t> seen;  // key -> round / version last served
     std::vector<char> scratch;
+    // Same-host server: requests at shm.data(), replies at shm.data() + shm_region.
+    // Set while connecting, before the constructor returns; the counters are read by
+    // other threads.
+    transport::shm::Mapping shm;
+    uint64_t shm_region = 0;
+    std::atomic<uint64_t> shm_payloads{0};
+    std::atomic<uint64_t> tcp_payloads{0};
   };
 
   std::shared_ptr<Handle> submit(int server, Request r);
   void run(Link& l);
   void execute(Link& l, Request& r);
+  void attach_shm(Link& l, const Deadline& deadline, const std::string& where);
 
   ClientOptions opts_;
+  std::string host_key_;
   std::vector<std::unique_ptr<Link>> links_;
 };
 

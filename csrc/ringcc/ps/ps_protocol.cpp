@@ -12,6 +12,8 @@ const char* msg_name(MsgType t) {
     case MsgType::kPushPull: return "PUSH_PULL";
     case MsgType::kPull: return "PULL";
     case MsgType::kShutdown: return "SHUTDOWN";
+    case MsgType::kShmProbe: return "SHM_PROBE";
+    case MsgType::kShmAttach: return "SHM_ATTACH";
     case MsgType::kOk: return "OK";
     case MsgType::kData: return "DATA";
     case MsgType::kError: return "ERROR";
@@ -29,14 +31,15 @@ std::string check_frame(const Header& h) {
                           " (mixed ringcc versions?)");
   switch (h.type) {
     case MsgType::kHello: case MsgType::kRegister: case MsgType::kInit: case MsgType::kPushPull:
-    case MsgType::kPull: case MsgType::kShutdown: case MsgType::kOk: case MsgType::kData:
-    case MsgType::kError:
+    case MsgType::kPull: case MsgType::kShutdown: case MsgType::kShmProbe: case MsgType::kShmAttach:
+    case MsgType::kOk: case MsgType::kData: case MsgType::kError:
       break;
     default:
       return detail::concat("unknown message type ", int(h.type));
   }
   if (static_cast<uint8_t>(h.wire) > static_cast<uint8_t>(Compression::kBf16))
     return detail::concat("unknown wire format ", int(h.wire));
+  if (h.flags & ~kFlagShmPayload) return detail::concat("unknown header flags 0x", std::hex, h.flags);
   if (static_cast<int>(h.dtype) >= kNumDataTypes) return detail::concat("unknown dtype code ", int(h.dtype));
   return "";
 }

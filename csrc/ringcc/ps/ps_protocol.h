@@ -7,6 +7,12 @@
 // the size the key was registered with. A bad request gets an ERROR reply whose text
 // names the key and the expected and received values; its payload is read and dropped,
 // so the connection stays usable.
+//
+// Same-host connections may move payloads through a shared-memory object instead (see
+// kShmProbe/kShmAttach): the header still travels on the socket and carries
+// kFlagShmPayload; the payload sits at the start of the request region (client to
+// server) or the reply region (server to client). One request is in flight per
+// connection, so each region holds one payload at a time and needs no ring.
 #pragma once
 
 #include <cstddef>
@@ -26,6 +32,8 @@ enum class MsgType : uint8_t {
   kPushPull = 4,  // key, numel, wire, round/version; payload = gradient (wire format)
   kPull = 5,      // key, numel
   kShutdown = 6,  // this worker is done with the server
+  kShmProbe = 7,  // payload = the worker's host identity; OK code 1 = same host, shm allowed
+  kShmAttach = 8, // payload = shm object name, aux = bytes per region; OK = mapped
   kOk = 16,       // reply: round = key version (REGISTER/INIT), code = mode (HELLO)
   kData = 17,     // reply: key, numel, wire, round = version; payload = values
   kError = 18,    // reply: code = ErrorCode, payload = readable text
@@ -48,7 +56,7 @@ enum class ErrorCode : uint8_t {
 };
 
 constexpr uint32_t kPsMagic = 0x53504352;  // "RCPS"
-constexpr uint16_t kPsProtocolVersion = 1;
+constexpr uint16_t kPsProtocolVersion = 2;  // 2: flags, shared-memory payloads
 constexpr size_t kPsHeaderBytes = 64;
 constexpr size_t kMaxTokenBytes = 256;
 constexpr size_t kMaxNameBytes = 256;
@@ -59,6 +67,16 @@ constexpr uint64_t kMaxKeyElements = uint64_t(1) << 28;
 // stream is not worth keeping and the connection is closed.
 constexpr uint64_t kMaxDiscardBytes = kMaxKeyElements * 4 + 4096;
 
+// Header flag: the payload is in the connection's shared-memory region, not on the socket.
+constexpr uint16_t kFlagShmPayload = 1;
+constexpr size_t kMaxHostIdBytes = 1024;
+constexpr size_t kMaxShmNameBytes = 128;
+constexpr const char* kShmNamePrefix = "/ringcc-ps-";
+// Bytes per direction: one default 4 MiB shard in fp32 (its 16-bit wire form is
+// smaller), plus a page for the small-key overhead of the block-scaled format.
+constexpr uint64_t kDefaultShmRegionBytes = (uint64_t(4) << 20) + 4096;
+constexpr uint64_t kMinShmRegionBytes = 4096;
+constexpr uint64_t kMaxShmRegionBytes = kMaxDiscardBytes;
 struct Header {
   uint32_t magic = kPsMagic;
   uint16_t version = kPsProtocolVersion;
@@ -67,7 +85,7 @@ struct Header {
   uint32_t sender = 0;
   DataType dtype = DataType::kFloat32;
   Compression wire = Compression::kNone;
-  uint16_t reserved0 = 0;
+  uint16_t flags = 0;  // kFlagShmPayload
   uint64_t key = 0;
   uint64_t numel = 0;
   uint64_t payload_bytes = 0;

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -18,8 +19,10 @@
 
 #include "ringcc/common/clock.h"
 #include "ringcc/common/error.h"
+#include "ringcc/engine/mesh.h"
 #include "ringcc/kernels/cpu/compress.h"
 #include "ringcc/kernels/cpu/kernels.h"
+#include "ringcc/transport/shm/shm_segment.h"
 #include "ringcc/transport/tcp/socket.h"
 
 namespace ringcc::ps {
@@ -48,7 +51,23 @@ struct Conn {
   size_t body_got = 0;
   uint64_t discard_left = 0;
   std::deque<OutMsg> out;
+  // Same-host worker: requests at shm.data(), replies at shm.data() + shm_region.
+  bool shm_offered = false;  // SHM_PROBE matched; one SHM_ATTACH may follow
+  transport::shm::Mapping shm;
+  uint64_t shm_region = 0;
 };
+
+bool in_shm(const Header& h) { return (h.flags & kFlagShmPayload) != 0; }
+
+// Only names this library makes: the prefix, then letters, digits and dashes.
+bool valid_shm_name(const std::string& n) {
+  const std::string prefix = kShmNamePrefix;
+  if (n.size() <= prefix.size() || n.size() > kMaxShmNameBytes || n.compare(0, prefix.size(), prefix) != 0)
+    return false;
+  for (size_t i = prefix.size(); i < n.size(); ++i)
+    if (!std::isalnum(static_cast<unsigned char>(n[i])) && n[i] != '-') return false;
+  return true;
+}
 
 struct Waiter {
   uint64_t conn;
@@ -86,9 +105,10 @@ struct Refusal {
 }  // namespace
 
 struct Server::Impl {
-  explicit Impl(const ServerOptions& o) : o(o) {}
+  explicit Impl(const ServerOptions& o) : o(o), host_key(o.host_id.empty() ? host_identity() : o.host_id) {}
 
   const ServerOptions& o;
+  const std::string host_key;
   std::unique_ptr<transport::tcp::Listener> listener;
   int wake[2] = {-1, -1};
   std::atomic<bool> stop_requested{false};
@@ -139,7 +159,7 @@ struct Server::Impl {
   void send(Conn& c, Header h, std::shared_ptr<const Bytes> body = nullptr) {
     h.magic = kPsMagic;
     h.version = kPsProtocolVersion;
-    h.payload_bytes = body ? body->size() : 0;
+    if (!in_shm(h)) h.payload_bytes = body ? body->size() : 0;
     c.out.push_back(OutMsg{h, std::move(body), 0});
   }
   void send_ok(Conn& c, uint64_t key, uint64_t round, uint8_t code = 0) {
@@ -168,7 +188,10 @@ struct Server::Impl {
     }
     return b;
   }
-  void send_values(Conn& c, const Key& k, Compression wire, std::shared_ptr<const Bytes> body) {
+  // A DATA reply of k's values in `wire`. `*cache` holds the encoded bytes, made at most
+  // once for all the waiters of a sync round. A same-host worker gets them in its reply
+  // region (fp32 straight from the key); the header alone goes on the socket.
+  void send_values(Conn& c, const Key& k, Compression wire, std::shared_ptr<const Bytes>* cache) {
     Header h;
     h.type = MsgType::kData;
     h.key = k.id;
@@ -176,7 +199,26 @@ struct Server::Impl {
     h.dtype = k.dtype;
     h.wire = wire;
     h.round = k.version;
-    send(c, h, std::move(body));
+    const uint64_t n = wire_bytes(k.numel, wire);
+    if (c.shm && n <= c.shm_region) {
+      char* dst = c.shm.data() + c.shm_region;
+      if (wire == Compression::kNone) {
+        std::memcpy(dst, k.values.data(), n);
+      } else {
+        if (!*cache) *cache = encode(k.values, wire);
+        std::memcpy(dst, (*cache)->data(), n);
+      }
+      std::atomic_thread_fence(std::memory_order_release);  // before the header is sent
+      h.flags = kFlagShmPayload;
+      h.payload_bytes = n;
+      return send(c, h);
+    }
+    if (!*cache) *cache = encode(k.values, wire);
+    send(c, h, *cache);
+  }
+  void send_values(Conn& c, const Key& k) {
+    std::shared_ptr<const Bytes> cache;
+    send_values(c, k, Compression::kNone, &cache);
   }
 
   // ------------------------------------------------------------------ requests
@@ -200,7 +242,26 @@ struct Server::Impl {
     }
     if (!c.authed)
       return fail(ErrorCode::kAuth, "not authenticated: the first message must be HELLO with the job token");
+    if (in_shm(h) && h.type != MsgType::kInit && h.type != MsgType::kPushPull)
+      return fail(ErrorCode::kBadRequest, "only INIT and PUSH_PULL payloads may travel in shared memory");
+    if (in_shm(h) && !c.shm)
+      return fail(ErrorCode::kBadRequest, "payload claimed in shared memory, but this connection has none attached");
     switch (h.type) {
+      case MsgType::kShmProbe:
+        if (h.payload_bytes > kMaxHostIdBytes)
+          return fail(ErrorCode::kBadRequest, "host identity of ", h.payload_bytes, " bytes (at most ",
+                      kMaxHostIdBytes, ")");
+        return false;
+      case MsgType::kShmAttach:
+        if (!c.shm_offered || c.shm)
+          return fail(ErrorCode::kBadRequest, "not expected here (only once, after a matching SHM_PROBE)");
+        if (h.payload_bytes > kMaxShmNameBytes)
+          return fail(ErrorCode::kBadRequest, "object name of ", h.payload_bytes, " bytes (at most ",
+                      kMaxShmNameBytes, ")");
+        if (h.aux < kMinShmRegionBytes || h.aux > kMaxShmRegionBytes)
+          return fail(ErrorCode::kBadRequest, "region of ", h.aux, " bytes out of range [", kMinShmRegionBytes,
+                      ", ", kMaxShmRegionBytes, "]");
+        return false;
       case MsgType::kRegister:
         if (h.numel == 0 || h.numel > kMaxKeyElements)
           return fail(ErrorCode::kBadRequest, "key id ", h.key, ": numel ", h.numel, " out of range [1, ",
@@ -237,6 +298,9 @@ struct Server::Impl {
         if (h.payload_bytes != want)
           return fail(ErrorCode::kBadRequest, label(*k), ": payload of ", h.payload_bytes, " bytes, expected ", want,
                       " (", k->numel, " elements, wire ", compression_name(h.wire), ")");
+        if (in_shm(h) && h.payload_bytes > c.shm_region)
+          return fail(ErrorCode::kBadRequest, label(*k), ": shared-memory payload of ", h.payload_bytes,
+                      " bytes exceeds this connection's region of ", c.shm_region, " bytes");
         return false;
       }
       case MsgType::kShutdown:
@@ -258,6 +322,7 @@ struct Server::Impl {
     Refusal r;
     if (refuse_header(c, h, &r)) {
       send_error(c, h.key, r.code, r.text);
+      if (in_shm(h)) return;  // nothing follows on the socket
       if (r.code == ErrorCode::kAuth || r.code == ErrorCode::kProtocol || h.payload_bytes > kMaxDiscardBytes) {
         c.close_after_flush = true;
       } else {
@@ -266,28 +331,41 @@ struct Server::Impl {
       }
       return;
     }
+    if (in_shm(h)) {  // the payload is already in the request region
+      std::atomic_thread_fence(std::memory_order_acquire);
+      return on_message(c);
+    }
     c.body.resize(h.payload_bytes);  // bounded by refuse_header
     c.body_got = 0;
     c.in_body = h.payload_bytes > 0;
     if (!c.in_body) on_message(c);
   }
 
+  // The request's payload: the request region (checked in refuse_header) or the body.
+  const char* payload(const Conn& c) const { return in_shm(c.hdr) ? c.shm.data() : c.body.data(); }
+
   void on_message(Conn& c) {
     const Header& h = c.hdr;
     switch (h.type) {
       case MsgType::kHello: return on_hello(c, h);
       case MsgType::kRegister: return on_register(c, h);
+      case MsgType::kShmProbe: {
+        // Shared memory only where both sides name the same host and neither opted out.
+        std::string id(c.body.begin(), c.body.end());
+        c.shm_offered = o.transport != "tcp" && id == host_key;
+        return send_ok(c, 0, 0, c.shm_offered ? 1 : 0);
+      }
+      case MsgType::kShmAttach: return on_shm_attach(c, h);
       case MsgType::kInit: {
         Key& k = *find(h.key);
-        std::memcpy(k.values.data(), c.body.data(), k.numel * 4);
+        std::memcpy(k.values.data(), payload(c), k.numel * 4);
         k.momentum.clear();
         return send_ok(c, k.id, k.version);
       }
       case MsgType::kPushPull:
         return o.mode == Mode::kSync ? push_sync(c, h, *find(h.key)) : push_async(c, h, *find(h.key));
       case MsgType::kPull: {
-        Key& k = *find(h.key);
-        return send_values(c, k, Compression::kNone, encode(k.values, Compression::kNone));
+        return send_values(c, *find(h.key));
       }
       case MsgType::kShutdown:
         send_ok(c, 0, 0);
@@ -330,6 +408,22 @@ struct Server::Impl {
     send_ok(c, 0, 0, static_cast<uint8_t>(o.mode));
   }
 
+  void on_shm_attach(Conn& c, const Header& h) {
+    c.shm_offered = false;
+    std::string name(c.body.begin(), c.body.end());
+    if (!valid_shm_name(name))
+      return send_error(c, 0, ErrorCode::kBadRequest,
+                        detail::concat("SHM_ATTACH: '", name, "' is not a ringcc parameter-server object name"));
+    try {
+      // Exactly two regions of h.aux bytes, owned by this user; checked before mapping.
+      c.shm = transport::shm::Mapping::open(name, 2 * h.aux);
+    } catch (const std::exception& e) {
+      return send_error(c, 0, ErrorCode::kBadRequest, detail::concat("SHM_ATTACH: ", e.what()));
+    }
+    c.shm_region = h.aux;
+    send_ok(c, 0, 0, 1);
+  }
+
   void on_register(Conn& c, const Header& h) {
     std::string name(c.body.begin(), c.body.end());
     if (Key* k = find(h.key)) {
@@ -358,7 +452,7 @@ struct Server::Impl {
                         detail::concat("PUSH_PULL: worker ", c.rank, " pushed round ", h.round, " of ", label(k),
                                        " twice"));
     // fp32 accumulation in arrival order; every worker receives the same bits.
-    const void* g = c.body.data();
+    const void* g = payload(c);
     if (k.pushed.empty()) {
       k.acc.resize(k.numel);
       if (h.wire == Compression::kNone)
@@ -382,9 +476,7 @@ struct Server::Impl {
     for (const Waiter& w : k.waiters) {
       auto it = conns.find(w.conn);
       if (it == conns.end() || it->second->dead) continue;  // gone since it pushed
-      auto& body = bodies[static_cast<int>(w.wire)];
-      if (!body) body = encode(k.values, w.wire);
-      send_values(*it->second, k, w.wire, body);
+      send_values(*it->second, k, w.wire, &bodies[static_cast<int>(w.wire)]);
     }
     end_round(k);
   }
@@ -425,10 +517,10 @@ struct Server::Impl {
                         detail::concat("PUSH_PULL: stale push from worker ", c.rank, " to ", label(k),
                                        ": computed from version ", h.round, ", the key is at version ", k.version,
                                        ", staleness bound ", o.staleness, " (pull fresh parameters and push again)"));
-    const float* g = reinterpret_cast<const float*>(c.body.data());
+    const float* g = reinterpret_cast<const float*>(payload(c));
     if (h.wire != Compression::kNone) {
       grad.resize(k.numel);
-      kernels::decompress(grad.data(), c.body.data(), k.numel, wire_type(h.wire), false);
+      kernels::decompress(grad.data(), payload(c), k.numel, wire_type(h.wire), false);
       g = grad.data();
     }
     // torch.optim.SGD (dampening 0, no Nesterov): d = g + wd*p; buf = m*buf + d; p -= lr*buf.
@@ -446,7 +538,7 @@ struct Server::Impl {
       p[i] = p[i] - lr * d;
     }
     k.version += 1;
-    send_values(c, k, Compression::kNone, encode(k.values, Compression::kNone));
+    send_values(c, k);
   }
 
   // ------------------------------------------------------------------ sockets
@@ -618,6 +710,8 @@ struct Server::Impl {
 Server::Server(ServerOptions opts) : opts_(std::move(opts)) {
   RINGCC_CHECK_ARG(opts_.num_workers >= 1, "ps server: num_workers must be >= 1, got ", opts_.num_workers);
   RINGCC_CHECK_ARG(opts_.timeout > 0, "ps server: timeout must be positive, got ", opts_.timeout);
+  RINGCC_CHECK_ARG(opts_.transport == "auto" || opts_.transport == "tcp", "ps server: transport must be 'auto' or "
+                   "'tcp', got '", opts_.transport, "'");
   RINGCC_CHECK_ARG(!opts_.token.empty() && opts_.token.size() <= kMaxTokenBytes,
                    "ps server: the job token must be 1..", kMaxTokenBytes, " bytes");
 }

@@ -30,6 +30,9 @@ struct ServerOptions {
   float momentum = 0.0f;
   float weight_decay = 0.0f;
   uint64_t staleness = 0;   // async: a push may lag the key's version by at most this
+  // "auto": payloads of workers on this host go through shared memory; "tcp": never.
+  std::string transport = "auto";
+  std::string host_id;      // equal ids mean "same host"; "" = detect (as the collectives)
 };
 
 // One key's durable state: what a checkpoint holds. An open sync round (a partial sum)

@@ -157,6 +157,87 @@ void Segment::ring_doorbell() const {
   }
 }
 
+Mapping Mapping::create(const std::string& prefix, size_t bytes) {
+  RINGCC_CHECK_ARG(bytes > 0, "shared-memory mapping of 0 bytes");
+  std::random_device rd;
+  uint64_t nonce = (uint64_t(rd()) << 32) ^ rd();
+  Mapping m;
+  m.name_ = detail::concat(prefix, getpid(), "-", std::hex, nonce);
+  m.size_ = bytes;
+  m.owner_ = true;
+  int fd = RINGCC_SYSCHECK(shm_open(m.name_.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600),
+                           "creating shared-memory object ", m.name_);
+  if (ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
+    int err = errno;
+    close(fd);
+    shm_unlink(m.name_.c_str());
+    RINGCC_THROW(Error, "cannot size shared-memory object ", m.name_, " to ", bytes,
+                 " bytes: ", detail::errno_string(err), " (is /dev/shm full?)");
+  }
+  m.base_ = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  close(fd);
+  if (m.base_ == MAP_FAILED) {
+    m.base_ = nullptr;
+    int err = errno;
+    shm_unlink(m.name_.c_str());
+    RINGCC_THROW(Error, "cannot map shared-memory object ", m.name_, ": ", detail::errno_string(err));
+  }
+  return m;
+}
+
+Mapping Mapping::open(const std::string& name, size_t bytes) {
+  int fd = shm_open(name.c_str(), O_RDWR, 0600);
+  if (fd < 0)
+    RINGCC_THROW(PeerError, "cannot open shared-memory object ", name, ": ", detail::errno_string(errno));
+  struct stat st {};
+  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_uid != geteuid() ||
+      st.st_size != static_cast<off_t>(bytes)) {
+    close(fd);
+    RINGCC_THROW(PeerError, "shared-memory object ", name, " is not a ", bytes,
+                 "-byte object of this user (size ", st.st_size, ", uid ", st.st_uid, ")");
+  }
+  Mapping m;
+  m.name_ = name;
+  m.size_ = bytes;
+  m.base_ = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  close(fd);
+  if (m.base_ == MAP_FAILED) {
+    m.base_ = nullptr;
+    RINGCC_THROW(PeerError, "cannot map shared-memory object ", name, ": ", detail::errno_string(errno));
+  }
+  return m;
+}
+
+Mapping& Mapping::operator=(Mapping&& o) noexcept {
+  if (this != &o) {
+    release();
+    name_ = std::move(o.name_);
+    base_ = o.base_;
+    size_ = o.size_;
+    owner_ = o.owner_;
+    unlinked_ = o.unlinked_;
+    o.base_ = nullptr;
+    o.owner_ = false;
+  }
+  return *this;
+}
+
+Mapping::~Mapping() { release(); }
+
+void Mapping::release() {
+  if (owner_) unlink();
+  if (base_) munmap(base_, size_);
+  base_ = nullptr;
+  owner_ = false;
+}
+
+void Mapping::unlink() {
+  if (owner_ && !unlinked_) {
+    shm_unlink(name_.c_str());
+    unlinked_ = true;
+  }
+}
+
 void wait_doorbell(ControlBlock* own, uint32_t seen, long timeout_ns) {
   own->sleepers.fetch_add(1, std::memory_order_seq_cst);
   if (own->doorbell.load(std::memory_order_seq_cst) == seen) {

@@ -73,6 +73,38 @@ class Segment {
   bool unlinked_ = false;
 };
 
+// A plain shared-memory object of a fixed size with no layout of its own (the
+// parameter server's per-connection payload regions). The creator owns the name.
+class Mapping {
+ public:
+  // A new object named `prefix` + a random suffix (O_EXCL, mode 0600), zero-filled.
+  static Mapping create(const std::string& prefix, size_t bytes);
+  // Maps an existing object, which must be a regular object of this user of exactly
+  // `bytes` bytes (the peer's claim is checked before anything is read).
+  static Mapping open(const std::string& name, size_t bytes);
+
+  Mapping() = default;
+  Mapping(Mapping&& o) noexcept { *this = std::move(o); }
+  Mapping& operator=(Mapping&& o) noexcept;
+  ~Mapping();
+
+  explicit operator bool() const { return base_ != nullptr; }
+  char* data() const { return static_cast<char*>(base_); }
+  size_t size() const { return size_; }
+  const std::string& name() const { return name_; }
+  // Removes the name (the mapping stays valid). Idempotent; owner only.
+  void unlink();
+
+ private:
+  void release();  // unlink if owner, unmap
+
+  std::string name_;
+  void* base_ = nullptr;
+  size_t size_ = 0;
+  bool owner_ = false;
+  bool unlinked_ = false;
+};
+
 // Waits on the owner's doorbell while it still equals `seen`, at most `timeout_ns`.
 void wait_doorbell(ControlBlock* own, uint32_t seen, long timeout_ns);
 
