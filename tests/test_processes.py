@@ -177,3 +177,25 @@ def test_tcp_op_after_peer_teardown_then_close(mode, tmp_path, children):
     out = child.finish(timeout=10)  # a hang detector: close() has nothing left to wait for
     assert child.proc.returncode == 0, f"exited with {child.proc.returncode}:\n{out}"
     assert "CLOSED" in out.splitlines(), out
+
+
+# A done-callback that holds the last reference to its communicator: when the engine
+# thread finished with the callback, dropping it used to destroy the communicator on its
+# own progress thread, which cannot join itself (std::terminate, exit 134).
+_LAST_REFERENCE_IN_CALLBACK = """
+import gc, numpy as np, ringcc
+from conftest import MemoryStore
+for i in range(20):
+    comm = ringcc.Communicator(MemoryStore(), 0, 1, name=f"last{i}")
+    w = comm.allreduce(np.ones(1 << 16, np.float32), async_op=True)
+    w.add_done_callback(lambda _w, c=comm: None)
+    del comm, w
+    gc.collect()
+print("survived")
+"""
+
+
+def test_callback_holding_the_last_reference_to_its_communicator():
+    res = subprocess.run([sys.executable, "-c", _LAST_REFERENCE_IN_CALLBACK], cwd=Path(__file__).parent,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "survived" in res.stdout, res.stdout + res.stderr

@@ -6,6 +6,8 @@
 #include <pybind11/stl.h>
 
 #include <memory>
+#include <atomic>
+#include <mutex>
 #include <vector>
 
 #include "ringcc/common/error.h"
@@ -74,6 +76,35 @@ kernels::SimdLevel parse_simd(const std::string& s) {
 
 void* ptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
 
+// Done-callbacks are Python callables run on a communicator's progress thread. That
+// thread must not drop the last reference to one: the callable may hold the last
+// reference to a process group, and with it to the very communicator whose thread this
+// is, whose destructor cannot join its own thread. Released callables wait here and are
+// freed by the next Python call into the module (submit, run, wait, close, abort).
+std::mutex g_graveyard_mu;
+std::vector<py::function*> g_graveyard;
+std::atomic<bool> g_graveyard_used{false};
+
+void bury(py::function* f) {
+  std::lock_guard<std::mutex> lock(g_graveyard_mu);
+  g_graveyard.push_back(f);
+  g_graveyard_used.store(true, std::memory_order_release);
+}
+
+// Frees the buried callables; call from a Python thread (with or without the GIL),
+// never from a progress thread.
+void drain_graveyard() {
+  if (!g_graveyard_used.load(std::memory_order_acquire)) return;
+  std::vector<py::function*> dead;
+  {
+    std::lock_guard<std::mutex> lock(g_graveyard_mu);
+    dead.swap(g_graveyard);
+    g_graveyard_used.store(false, std::memory_order_relaxed);
+  }
+  py::gil_scoped_acquire gil;
+  for (py::function* f : dead) delete f;
+}
+
 // The piece lists of _pack/_unpack, checked to line up.
 std::vector<void*> piece_ptrs(const char* fn, const std::vector<uintptr_t>& ptrs,
                               const std::vector<size_t>& offsets, const std::vector<size_t>& bytes) {
@@ -94,6 +125,7 @@ std::shared_ptr<Work> queue_op(Communicator& c, Collective kind, DataType dtype,
                                uintptr_t out, size_t out_bytes, size_t count, std::vector<size_t> counts,
                                std::vector<size_t> recv_counts, double timeout, Algorithm algorithm,
                                size_t segment_bytes, Compression compression) {
+  drain_graveyard();
   OpDesc d;
   d.kind = kind;
   d.dtype = dtype;
@@ -183,7 +215,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("op_supported", &op_supported);
 
   py::class_<Work, std::shared_ptr<Work>>(m, "Work")
-      .def("wait", &Work::wait, py::arg("timeout") = -1.0, py::call_guard<py::gil_scoped_release>())
+      .def("wait", [](Work& w, double timeout) {
+        drain_graveyard();
+        return w.wait(timeout);
+      }, py::arg("timeout") = -1.0, py::call_guard<py::gil_scoped_release>())
       .def("is_completed", &Work::is_completed)
       .def_property_readonly("seq", &Work::seq)
       .def_property_readonly("description", &Work::description)
@@ -191,11 +226,8 @@ PYBIND11_MODULE(_C, m) {
         if (auto e = w.error()) std::rethrow_exception(e);
       })
       .def("add_done_callback", [](Work& w, py::function fn) {
-        // The callable is released under the GIL, whichever thread drops it last.
-        auto holder = std::shared_ptr<py::function>(new py::function(std::move(fn)), [](py::function* f) {
-          py::gil_scoped_acquire gil;
-          delete f;
-        });
+        // Freed later by a Python thread, whichever thread drops it last (see bury()).
+        auto holder = std::shared_ptr<py::function>(new py::function(std::move(fn)), bury);
         w.add_done_callback([holder]() {
           py::gil_scoped_acquire gil;
           try {
@@ -238,8 +270,14 @@ PYBIND11_MODULE(_C, m) {
       // wait, executed inline (without the GIL) when the communicator is idle.
       .def("submit", &queue_op<&Communicator::submit>, RINGCC_OP_ARGS)
       .def("run", &queue_op<&Communicator::run>, RINGCC_OP_ARGS, py::call_guard<py::gil_scoped_release>())
-      .def("close", &Communicator::close, py::call_guard<py::gil_scoped_release>())
-      .def("abort", &Communicator::abort, py::arg("reason"), py::call_guard<py::gil_scoped_release>())
+      .def("close", [](Communicator& c) {
+        drain_graveyard();
+        c.close();
+      }, py::call_guard<py::gil_scoped_release>())
+      .def("abort", [](Communicator& c, const std::string& reason) {
+        drain_graveyard();
+        c.abort(reason);
+      }, py::arg("reason"), py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("is_aborted", &Communicator::is_aborted)
       .def_property_readonly("abort_reason", &Communicator::abort_reason);
 
