@@ -5,7 +5,7 @@ interleaved rounds of one run (so drift on a shared machine hits all three alike
 
   ring  ringcc Communicator allreduce(op="avg"), ring algorithm, TCP transport
   ps1   ringcc.ps Client.push_pull against 1 server process (sync mode)
-  ps2   the same against 2 server processes (shards placed by crc32)
+  ps2   the same against 2 server processes (shards placed by key id)
 
 The bound, for S bytes of gradient, W workers and s servers:
   ring: each rank sends and receives 2(W-1)/W * S (reduce-scatter + allgather), in

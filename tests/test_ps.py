@@ -10,7 +10,7 @@ import struct
 import subprocess
 import sys
 import threading
-import zlib
+import hashlib
 
 import numpy as np
 import pytest
@@ -78,8 +78,9 @@ def test_sync_average_equals_numpy_and_allreduce(num_workers, num_servers):
 
 
 def test_sharding_spreads_over_servers_and_is_stable():
-    # crc32 of "name#i" mod servers, computed here independently of ringcc.ps.
-    expect = [zlib.crc32(f"emb#{i}".encode()) % 2 for i in range(6)]
+    # blake2b (8 bytes, little endian) of "name#i" mod servers, computed here independently.
+    expect = [int.from_bytes(hashlib.blake2b(f"emb#{i}".encode(), digest_size=8).digest(), "little") % 2
+              for i in range(6)]
     assert [ps.server_of("emb", i, 2) for i in range(6)] == expect
     assert set(expect) == {0, 1}, "test name must land on both servers"
     store = _store()

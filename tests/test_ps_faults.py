@@ -129,7 +129,7 @@ def test_checkpoint_for_another_layout_or_mode_is_refused(tmp_path):
     clients = _clients(store, 1, 2, shard_elements=300)
     _register(clients)
     path = str(tmp_path / "ps1.ckpt")
-    servers[1].save(path)  # server 1 holds p's four shards (crc32 placement)
+    servers[1].save(path)  # server 1 holds p#0, p#3 (of four shards) and q#0
     _close(servers, clients)
     mk = lambda index, n, **kw: ps.Server(store, index, n, 1, listen_host="127.0.0.1", restore=path, **kw)
     with pytest.raises(ps.CheckpointError, match="written by server 1 of 2; this is server 0 of 2"):
@@ -138,9 +138,9 @@ def test_checkpoint_for_another_layout_or_mode_is_refused(tmp_path):
         mk(1, 3, **ASYNC)
     with pytest.raises(ps.CheckpointError, match="holds async state; this server runs in sync mode"):
         mk(1, 2)
-    with pytest.raises(ps.CheckpointError, match=r"unexpected \['p#3'\], different numel \['p#0', 'p#1'"):
+    with pytest.raises(ps.CheckpointError, match=r"unexpected \['p#3'\], different numel \['p#0'\]"):
         mk(1, 2, keys=TENSORS, shard_elements=400, **ASYNC)  # another shard size
-    with pytest.raises(ps.CheckpointError, match=r"missing \['r#0', 't#0'\]"):
+    with pytest.raises(ps.CheckpointError, match=r"missing \['r#0'\]"):
         mk(1, 2, keys=dict(TENSORS, r=10, s=10, t=10), shard_elements=300, **ASYNC)
     mk(1, 2, keys=TENSORS, shard_elements=300, **ASYNC)  # the matching layout is accepted
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")

@@ -53,7 +53,7 @@ def _sync_rounds(transport, num_workers, num_servers, compression, **kw):
     try:
         paths = {c.transport_to(s) for c in clients for s in range(num_servers)}
         rng = np.random.default_rng(7)
-        name = "w"  # five shards; with 2 servers, #4 is on server 1 and the others on 0
+        name = "w"  # five shards, spread over both servers
         assert len({ps.server_of(name, j, num_servers) for j in range(5)}) == num_servers
         for c in clients:
             c.register(name, 2500)

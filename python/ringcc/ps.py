@@ -6,8 +6,8 @@
     client.push_pull("fc.weight", grad)      # in place: sync mode -> the average over workers
 
 A named tensor is cut into shards of `shard_elements` float32 values (1M = 4 MB by
-default); shard i of "name" is key "name#i", held by server crc32("name#i") % num_servers,
-so every worker places it the same way without talking to the others.
+default); shard i of "name" is key "name#i", held by server
+key_id("name#i") % num_servers (a blake2b digest), so every worker places it the same way without talking to the others.
 
 Rendezvous goes through the job's store (any torch Store, or an object with set/get):
 server i publishes its address under "ps/server/{i}", and clients wait for those keys,
@@ -31,7 +31,6 @@ import secrets
 import sys
 import time
 import weakref
-import zlib
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
@@ -97,8 +96,10 @@ def shard_name(name: str, shard: int) -> str:
 
 
 def server_of(name: str, shard: int, num_servers: int) -> int:
-    """Stable placement: the same on every worker, run and Python process (not hash())."""
-    return zlib.crc32(shard_name(name, shard).encode()) % num_servers
+    """Stable placement: the same on every worker, run and Python process (not hash()).
+    The key id (blake2b) modulo the server count: crc32's low bits cluster consecutive
+    shard names ("w#0".."w#3" all on one of 2 servers), a cryptographic digest does not."""
+    return key_id(name, shard) % num_servers
 
 
 def key_id(name: str, shard: int) -> int:
@@ -216,7 +217,7 @@ class Server:
         if meta["mode"] != self.mode:
             raise CheckpointError(f"{where} holds {meta['mode']} state; this server runs in {self.mode} mode")
         for kid, name, _, _, _, _ in entries:
-            if _id_of(name) != kid or zlib.crc32(name) % self.num_servers != self.index:
+            if _id_of(name) != kid or kid % self.num_servers != self.index:
                 raise CheckpointError(f"{where}: key {name!r} (id {kid}) does not belong on server {self.index} "
                                       f"of {self.num_servers}")
         if keys is not None:
