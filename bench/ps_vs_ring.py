@@ -3,7 +3,7 @@
 W worker processes on this host average the same float32 gradient three ways, in
 interleaved rounds of one run (so drift on a shared machine hits all three alike):
 
-  ring  ringcc Communicator allreduce(op="avg"), ring algorithm, TCP transport
+  ring  ringcc Communicator allreduce(op="avg"), ring algorithm, over --transport
   ps1   ringcc.ps Client.push_pull against 1 server process (sync mode)
   ps2   the same against 2 server processes (shards placed by key id)
 
@@ -53,12 +53,12 @@ def _server(port: int, prefix: str, index: int, num_servers: int, workers: int) 
     server.stop()
 
 
-def _worker(port: int, rank: int, workers: int, sizes_mib: list, reps: int, results) -> None:
+def _worker(port: int, rank: int, workers: int, sizes_mib: list, reps: int, results, transport: str) -> None:
     import ringcc
     from ringcc import ps
 
     store = _store(port)
-    comm = ringcc.Communicator(store, rank, workers, transport="tcp", allreduce_algorithm="ring",
+    comm = ringcc.Communicator(store, rank, workers, transport=transport, allreduce_algorithm="ring",
                                listen_address="127.0.0.1")
     clients = {"ps1": ps.Client(store, rank, workers, 1, prefix="ps1/", timeout=120.0),
                "ps2": ps.Client(store, rank, workers, 2, prefix="ps2/", timeout=120.0)}
@@ -106,16 +106,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(workers: int, sizes_mib: list, reps: int) -> dict:
+def run(workers: int, sizes_mib: list, reps: int, transport: str = "tcp") -> dict:
     import torch.distributed as dist
 
+    # The servers and clients read it in the spawned processes: the same transport for
+    # the parameter server as for the ring.
+    os.environ["RINGCC_PS_TRANSPORT"] = "tcp" if transport == "tcp" else "auto"
     port = _free_port()
     master = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     procs = [ctx.Process(target=_server, args=(port, "ps1/", 0, 1, workers))]
     procs += [ctx.Process(target=_server, args=(port, "ps2/", i, 2, workers)) for i in range(2)]
-    procs += [ctx.Process(target=_worker, args=(port, r, workers, sizes_mib, reps, results)) for r in range(workers)]
+    procs += [ctx.Process(target=_worker, args=(port, r, workers, sizes_mib, reps, results, transport)) for r in range(workers)]
     for p in procs:
         p.start()
     raw = results.get(timeout=600)
@@ -132,7 +135,7 @@ def run(workers: int, sizes_mib: list, reps: int) -> dict:
             rows.append(dict(size_mib=mib, method=method, median_s=t, min_s=min(raw[f"{mib}:{method}"]),
                              algbw_gbs=(mib << 20) / t / 1e9, ratio_vs_ring=t / ring,
                              samples_s=raw[f"{mib}:{method}"]))
-    return dict(workers=workers, sizes_mib=sizes_mib, reps=reps, host=platform.node(), cpus=os.cpu_count(),
+    return dict(workers=workers, sizes_mib=sizes_mib, reps=reps, transport=transport, host=platform.node(), cpus=os.cpu_count(),
                 python=platform.python_version(), rows=rows)
 
 
@@ -150,13 +153,15 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--sizes-mib", default="1,16,64")
     p.add_argument("--reps", type=int, default=5, help="timed steps per size and method (after one warm-up)")
+    p.add_argument("--transport", choices=("tcp", "shm"), default="tcp",
+                   help="both the ring and the parameter server over TCP loopback, or shared memory")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     t0 = time.perf_counter()
-    res = run(args.workers, [int(s) for s in args.sizes_mib.split(",")], args.reps)
+    res = run(args.workers, [int(s) for s in args.sizes_mib.split(",")], args.reps, args.transport)
     res["wall_s"] = time.perf_counter() - t0
     print(table(res))
-    print(f"({args.workers} workers, {args.reps} steps each, wall {res['wall_s']:.0f} s)")
+    print(f"({args.workers} workers, {args.transport}, {args.reps} steps each, wall {res['wall_s']:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
