@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 import ringcc
 from ringcc import ps
+from ps_helpers import close_all as _close, make_clients as _clients, start_servers as _servers
 from conftest import MemoryStore, run_ranks
 
 F32 = np.float32
@@ -25,22 +26,6 @@ F32 = np.float32
 
 def _store():
     return dist.HashStore()  # blocking get(): clients wait for server addresses
-
-
-def _servers(store, n, num_workers, **kw):
-    return [ps.Server(store, i, n, num_workers, listen_host="127.0.0.1", **kw).start() for i in range(n)]
-
-
-def _clients(store, num_workers, num_servers, **kw):
-    kw.setdefault("timeout", 30.0)
-    return [ps.Client(store, r, num_workers, num_servers, **kw) for r in range(num_workers)]
-
-
-def _close(servers, clients):
-    for c in clients:
-        c.close()
-    for s in servers:
-        s.stop()
 
 
 def _sync_round(clients, name, arrays, compression=None):

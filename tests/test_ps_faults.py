@@ -22,24 +22,10 @@ import torch.distributed as dist
 
 import ringcc
 from ringcc import ps
+from ps_helpers import close_all as _close, make_clients as _clients, start_servers as _servers
 
 F32 = np.float32
 WORKER = os.path.join(os.path.dirname(__file__), "_ps_fault_worker.py")
-
-
-def _servers(store, n, num_workers, **kw):
-    return [ps.Server(store, i, n, num_workers, listen_host="127.0.0.1", **kw).start() for i in range(n)]
-
-
-def _clients(store, num_workers, num_servers, **kw):
-    return [ps.Client(store, r, num_workers, num_servers, timeout=30.0, **kw) for r in range(num_workers)]
-
-
-def _close(servers, clients):
-    for c in clients:
-        c.close()
-    for s in servers:
-        s.stop()
 
 
 def _versions(server):

@@ -20,24 +20,10 @@ import pytest
 import torch.distributed as dist
 
 from ringcc import ps
+from ps_helpers import close_all as _close, make_clients as _clients, start_servers as _servers
 
 F32 = np.float32
 HDR = "<IHBBIBBHQQQQQQ"  # magic version type code sender dtype wire flags key numel payload round aux reserved
-
-
-def _servers(store, n, num_workers, **kw):
-    return [ps.Server(store, i, n, num_workers, listen_host="127.0.0.1", **kw).start() for i in range(n)]
-
-
-def _clients(store, num_workers, num_servers, **kw):
-    return [ps.Client(store, r, num_workers, num_servers, timeout=30.0, **kw) for r in range(num_workers)]
-
-
-def _close(servers, clients):
-    for c in clients:
-        c.close()
-    for s in servers:
-        s.stop()
 
 
 def _ps_names(pid=None):
