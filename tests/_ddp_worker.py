@@ -11,8 +11,6 @@ distributed result must equal (fp32; mean losses, equal per-rank batch sizes).
 
 from __future__ import annotations
 
-import datetime
-import faulthandler
 import json
 import os
 import sys
@@ -23,7 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as TorchDDP
 
 import _torch_backend_worker as base  # tests/ is this script's directory
-from _torch_backend_worker import Checks, Net, assert_same, load_backend, params_of, same_on_every_rank
+from _torch_backend_worker import Checks, Net, assert_same, params_of, same_on_every_rank
 
 import ringcc
 import ringcc.hooks
@@ -31,31 +29,6 @@ import ringcc.hooks
 GLOO = None  # a gloo group over all ranks, set in main()
 RTOL, ATOL = 1e-5, 1e-6  # distributed vs single-process fp32 (sums in another order)
 SMALL_CAP_MB = 0.0015  # 1.5 KiB buckets: the models below get several buckets
-HANG_REPORT_S = 200
-
-
-class Skip(Exception):
-    """A check that cannot run in this build (reported as "skip: <reason>")."""
-
-
-class DDPChecks(Checks):
-    only = ""
-
-    def run(self, name: str, fn) -> None:
-        if self.only and not name.startswith(self.only):
-            return
-        print(f"check {name}", flush=True)
-        skipped = []
-
-        def guarded():
-            try:
-                fn()
-            except Skip as exc:
-                skipped.append(str(exc))
-
-        super().run(name, guarded)
-        if skipped:
-            self.results[name] = f"skip: {skipped[0]}"
 
 
 # -------------------------------------------------------------------------- models
@@ -580,15 +553,8 @@ def check_torch_hooks(c: Checks) -> None:
 
 def main() -> int:
     global GLOO
-    args = base.worker_args(**{"--only": dict(default="", help="run only the checks whose name starts with this")})
-    tb = load_backend()
-    tb.register()
-    faulthandler.dump_traceback_later(HANG_REPORT_S, exit=True)  # diagnostics only
-    c = DDPChecks(args.rank, args.world)
-    c.only = args.only
-    dist.init_process_group("ringcc", init_method=args.init_method, rank=args.rank, world_size=args.world,
-                            timeout=datetime.timedelta(seconds=60))
-    GLOO = base.GLOO = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=60))
+    _, c = base.start_tool_worker()
+    GLOO = base.GLOO
     for check in (check_training, check_buckets, check_no_sync, check_unused, check_autocast, check_wrap,
                   check_comm_hook, check_timeline, check_compression, check_torch_hooks):
         check(c)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
 import importlib
 import json
 import sys
@@ -45,6 +46,21 @@ class Checks:
             self.results[name] = "ok" if not MISMATCHES else "\n".join(MISMATCHES)
         except Exception:  # noqa: BLE001 - reported to the parent test
             self.results[name] = "\n".join(MISMATCHES + [traceback.format_exc(limit=6)])
+
+
+class AnnouncedChecks(Checks):
+    """Checks that announce each check first, so a hang's output says where it hung;
+    ``only`` (--only PREFIX) runs just the checks whose name starts with it."""
+
+    def __init__(self, rank: int, world: int, only: str = ""):
+        super().__init__(rank, world)
+        self.only = only
+
+    def run(self, name: str, fn) -> None:
+        if self.only and not name.startswith(self.only):
+            return
+        print(f"check {name}", flush=True)
+        super().run(name, fn)
 
 
 # Result mismatches are collected rather than raised, so that a rank whose check fails
@@ -519,6 +535,23 @@ def worker_args(**extra: dict) -> argparse.Namespace:
     args = p.parse_args()
     torch.set_num_threads(1)
     return args
+
+
+def start_tool_worker(hang_report_s: float = 200) -> tuple:
+    """The start shared by the DDP and torch-tools workers: arguments (with --only), the
+    ringcc backend registered, every thread's stack dumped if the worker still runs after
+    `hang_report_s` (the launcher kills at 240 s), a ringcc default group and a gloo group
+    over all ranks (GLOO). Returns (the backend module, AnnouncedChecks)."""
+    global GLOO
+    args = worker_args(**{"--only": dict(default="", help="run only the checks whose name starts with this")})
+    tb = load_backend()
+    tb.register()
+    faulthandler.dump_traceback_later(hang_report_s, exit=True)  # diagnostics only
+    checks = AnnouncedChecks(args.rank, args.world, args.only)
+    dist.init_process_group("ringcc", init_method=args.init_method, rank=args.rank, world_size=args.world,
+                            timeout=datetime.timedelta(seconds=60))
+    GLOO = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=60))
+    return tb, checks
 
 
 def main() -> int:

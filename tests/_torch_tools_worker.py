@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import faulthandler
 import json
 import os
 import sys
@@ -37,19 +36,6 @@ from _torch_backend_worker import Checks, Net, assert_same, load_backend, params
 
 GLOO = None  # a gloo group over all ranks, set in main()
 RTOL, ATOL = 1e-6, 1e-7  # ringcc vs gloo parameters (sums over 3 ranks may round differently)
-HANG_REPORT_S = 200  # dump every thread's stack if still running then (the launcher kills at 240 s)
-
-
-class ToolChecks(Checks):
-    """Checks that announce each check first, so a hang's output says where it hung."""
-
-    only = ""  # --only PREFIX: run just those checks (for debugging one of them)
-
-    def run(self, name: str, fn) -> None:
-        if self.only and not name.startswith(self.only):
-            return
-        print(f"check {name}", flush=True)
-        super().run(name, fn)
 
 
 # -------------------------------------------------------------------------- helpers
@@ -737,15 +723,8 @@ def check_mismatch(c: Checks) -> None:
 # --------------------------------------------------------------------------- main
 def main() -> int:
     global GLOO
-    args = base.worker_args(**{"--only": dict(default="", help="run only the checks whose name starts with this")})
-    tb = load_backend()
-    tb.register()
-    faulthandler.dump_traceback_later(HANG_REPORT_S, exit=True)  # diagnostics only
-    c = ToolChecks(args.rank, args.world)
-    c.only = args.only
-    dist.init_process_group("ringcc", init_method=args.init_method, rank=args.rank, world_size=args.world,
-                            timeout=datetime.timedelta(seconds=60))
-    GLOO = base.GLOO = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=60))
+    tb, c = base.start_tool_worker()
+    GLOO = base.GLOO
     c.results["setup"] = "ok" if isinstance(dist.group.WORLD, tb.RingccProcessGroup) else \
         f"default group is {dist.get_backend()} / {type(dist.group.WORLD).__name__}"
     for check in (check_ddp_variants, check_comm_hooks, check_zero, check_sampler, check_objects, check_overlap,

@@ -21,7 +21,7 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is needed", allow_module_level=True)
 
-from test_torch_backend import _free_port, _launch  # noqa: E402 - after the skips
+from test_torch_backend import _assert_checks as _check, _free_port, _launch  # noqa: E402 - after the skips
 
 WORKER = Path(__file__).with_name("_ddp_worker.py")
 
@@ -48,18 +48,6 @@ def world4_training(tmp_path_factory):
 @pytest.fixture(params=[2, 3], ids=["world2", "world3"])
 def results(request):
     return request.getfixturevalue(f"world{request.param}")
-
-
-def _check(results: dict, prefix: str) -> None:
-    """Every rank's outcome of the checks named ``prefix`` is "ok"; a check every rank
-    skipped (a missing native piece) skips the test with the worker's reason."""
-    outcomes = [(rank, name, out) for rank, checks in sorted(results.items()) for name, out in checks.items()
-                if name == prefix or name.startswith(prefix + "/")]
-    assert outcomes, f"no check named {prefix!r} ran"
-    if all(out.startswith("skip: ") for _, _, out in outcomes):
-        pytest.skip(outcomes[0][2][len("skip: "):])
-    bad = [f"--- rank {rank} {name}:\n{out}" for rank, name, out in outcomes if out != "ok"]
-    assert not bad, "\n".join(bad)
 
 
 # -------------------------------------------------------------------- training

@@ -21,7 +21,7 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is needed", allow_module_level=True)
 
-from test_torch_backend import _free_port  # noqa: E402 - after the skips
+from test_torch_backend import _assert_checks as _check, _free_port  # noqa: E402 - after the skips
 
 WORKER = Path(__file__).with_name("_ps_ddp_worker.py")
 LAUNCH_TIMEOUT = 180  # a hang fails the test instead of blocking the suite
@@ -61,14 +61,6 @@ def _finish(procs, dead=()) -> dict:
     if failures:
         pytest.fail("\n".join(failures))
     return results
-
-
-def _check(results: dict, prefix: str) -> None:
-    outcomes = [(rank, name, out) for rank, checks in sorted(results.items()) for name, out in checks.items()
-                if name.startswith(prefix)]
-    assert outcomes, f"no check named {prefix!r} ran"
-    bad = [f"--- rank {rank} {name}:\n{out}" for rank, name, out in outcomes if out != "ok"]
-    assert not bad, "\n".join(bad)
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])
