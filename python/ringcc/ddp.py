@@ -130,6 +130,10 @@ class _BusyClock:
             if self._in_flight == 0:
                 self.total += time.perf_counter() - self._since
 
+    def seconds(self) -> float:
+        with self._lock:
+            return self.total
+
 
 # ---------------------------------------------------------------------------- buckets
 class _Bucket:
@@ -450,8 +454,7 @@ class DistributedDataParallel(nn.Module):
         """Cumulative ``comm_s``: seconds during which some bucket exchange of this rank
         was in flight (overlapped with backward or not). ringcc.Trainer subtracts the
         exposed part to report the overlapped communication."""
-        with self._busy._lock:
-            return {"comm_s": self._busy.total, "steps": self._step}
+        return {"comm_s": self._busy.seconds(), "steps": self._step}
 
     # ------------------------------------------------------------------ checkpoints
     def comm_state_dict(self) -> Dict[str, Any]:

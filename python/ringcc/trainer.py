@@ -52,9 +52,9 @@ resumed run report the part of the epoch they ran, with ``"partial": True``)
                          peer and unpacking the results (mean over ranks).
     ``comm_overlapped_s`` communication that ran while backward still computed: the
                          union of the bucket exchanges' lifetimes minus ``comm_s``, when
-                         the wrapper lets us see them (torch's DDP as built here: a
-                         timing comm hook; another wrapper: a ``comm_stats()`` method
-                         returning cumulative ``{"comm_s": seconds}``); otherwise None.
+                         the wrapper reports them through a ``comm_stats()`` method
+                         returning cumulative ``{"comm_s": seconds}`` (ringcc's DDP, and
+                         torch's DDP as built by ``torch_ddp``); otherwise None.
     ``data_s``           fetching and collating batches. ``compute_s`` = ``time_s`` -
                          ``comm_s`` - ``data_s`` (forward, backward, optimizer, ...).
     ``comm_compute_ratio`` = ``comm_s / compute_s``.
@@ -93,28 +93,6 @@ def default_wrapper() -> Callable[..., torch.nn.Module]:
     return DistributedDataParallel
 
 
-class _CommTimer:
-    """Lifetimes of gradient exchanges: (start, end) of each bucket's future."""
-
-    def __init__(self) -> None:
-        self.spans: List[tuple] = []
-
-    def take_busy_s(self) -> float:
-        """Seconds covered by at least one exchange since the last call."""
-        spans, self.spans = sorted(self.spans), []
-        busy, cur_start, cur_end = 0.0, None, None
-        for start, end in spans:
-            if cur_end is None or start > cur_end:
-                if cur_end is not None:
-                    busy += cur_end - cur_start
-                cur_start, cur_end = start, end
-            else:
-                cur_end = max(cur_end, end)
-        if cur_end is not None:
-            busy += cur_end - cur_start
-        return busy
-
-
 def torch_ddp(module: torch.nn.Module, *, compression: Optional[str] = None, error_feedback: bool = False,
               process_group=None, fixed_buckets: bool = True) -> torch.nn.Module:
     """``torch.nn.parallel.DistributedDataParallel`` with a timing comm hook (for
@@ -137,9 +115,13 @@ def torch_ddp(module: torch.nn.Module, *, compression: Optional[str] = None, err
     from torch.nn.parallel import DistributedDataParallel
 
     from . import hooks
+    from .ddp import _BusyClock
 
     class TorchDDP(DistributedDataParallel):
-        """torch's DDP plus the comm timer and the error-feedback state of this factory."""
+        """torch's DDP plus the exchange clock and the error-feedback state of this factory."""
+
+        def comm_stats(self) -> dict:
+            return {"comm_s": busy.seconds()}
 
         def comm_state_dict(self) -> dict:
             ef = self._ringcc_error_feedback
@@ -157,19 +139,18 @@ def torch_ddp(module: torch.nn.Module, *, compression: Optional[str] = None, err
     base = {None: default_hooks.allreduce_hook, "fp16": hooks.fp16_compress_hook,
             "bf16": hooks.bf16_compress_hook}[compression]
     ddp = TorchDDP(module, process_group=process_group, find_unused_parameters=fixed_buckets)
-    timer = _CommTimer()
+    busy = _BusyClock()  # the union of the bucket exchanges' lifetimes, as ringcc's DDP keeps
 
     def timed_hook(state, bucket):
-        start = time.perf_counter()
+        busy.start()
 
         def done(fut):
-            timer.spans.append((start, time.perf_counter()))
+            busy.stop()
             return fut.value()  # the bucket's averaged gradients, as the base hook made them
 
         return base(state, bucket).then(done)
 
     ddp.register_comm_hook(state, timed_hook)
-    ddp._ringcc_comm_timer = timer
     ddp._ringcc_error_feedback = ef
     return ddp
 
@@ -471,11 +452,8 @@ class Trainer:
         steps_total = math.ceil(len(batches) / accum)
         first = self.batch_in_epoch
         bar = _Bar(steps_total, first // accum, f"epoch {epoch}", self.progress and self.rank == 0)
-        timer = getattr(self.model, "_ringcc_comm_timer", None)
         stats_fn = getattr(self.model, "comm_stats", None)
         busy0 = stats_fn().get("comm_s") if callable(stats_fn) else None
-        if timer is not None:
-            timer.take_busy_s()  # drop exchanges from before this epoch
         samples = 0
         loss_sum, loss_n = 0.0, 0
         comm_s = data_s = ckpt_s = 0.0
@@ -519,11 +497,7 @@ class Trainer:
         elapsed = time.perf_counter() - t_start - ckpt_s
         bar.close()
 
-        busy = None
-        if timer is not None:
-            busy = timer.take_busy_s()
-        elif busy0 is not None:
-            busy = stats_fn().get("comm_s", busy0) - busy0
+        busy = stats_fn().get("comm_s", busy0) - busy0 if busy0 is not None else None
         # One SUM over ranks for counts and per-rank times (averaged below), one MAX for
         # the wall time: the epoch lasts as long as its slowest rank.
         sums = torch.tensor([samples, loss_sum, loss_n, comm_s, data_s, ckpt_s, busy or 0.0], dtype=torch.float64)
