@@ -193,8 +193,7 @@ def main() -> int:
     else:
         raise SystemExit(f"unknown scenario {args.scenario}")
     print("RESULTS " + json.dumps(c.results), flush=True)
-    if args.die_rank < 0:
-        dist.destroy_process_group()
+    base.destroy_groups(ddpw)
     return 0
 
 

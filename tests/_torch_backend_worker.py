@@ -554,6 +554,19 @@ def start_tool_worker(hang_report_s: float = 200) -> tuple:
     return tb, checks
 
 
+def destroy_groups(*worker_modules) -> None:
+    """Destroys every process group and drops the GLOO references that this module and
+    `worker_modules` hold, so that no group outlives the interpreter. A gloo group still
+    referenced at exit is torn down during finalisation, when its worker threads can no
+    longer take the GIL to release the tensors of their last work: the thread is ended
+    by force and the process aborts ("terminate called without an active exception")."""
+    global GLOO
+    for module in worker_modules:
+        module.GLOO = None
+    GLOO = None
+    dist.destroy_process_group()
+
+
 def main() -> int:
     global GLOO
     args = worker_args()
@@ -568,7 +581,7 @@ def main() -> int:
                                   and isinstance(dist.group.WORLD, tb.RingccProcessGroup)) else \
         f"default group is {dist.get_backend()} / {type(dist.group.WORLD).__name__}"
     check_collectives(c)
-    dist.destroy_process_group()
+    destroy_groups()
     if args.timeout_init_method:
         check_timeout(c, args.timeout_init_method)
         dist.destroy_process_group()

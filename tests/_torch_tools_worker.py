@@ -730,7 +730,7 @@ def main() -> int:
     for check in (check_ddp_variants, check_comm_hooks, check_zero, check_sampler, check_objects, check_overlap,
                   check_subgroups):
         check(c)
-    dist.destroy_process_group()
+    base.destroy_groups(sys.modules[__name__])
     check_mismatch(c)
     print("RESULTS " + json.dumps(c.results), flush=True)
     return 0
