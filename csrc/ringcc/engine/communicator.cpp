@@ -273,10 +273,12 @@ OpContext Communicator::make_context(const OpHeader& h, const Deadline& deadline
   ctx.interrupted = &interrupted_;
   ctx.spin_seconds = options_.spin_seconds;
   ctx.yield_while_spinning = oversubscribed_;
+  ctx.history = &history_;
   return ctx;
 }
 
 void Communicator::execute(const OpDesc& d, const OpHeader& h) {
+  if (d.kind != Collective::kSendRecv) history_.record(h);  // one operation executes at a time
   OpContext ctx = make_context(h, deadline_for(d, options_.timeout_seconds));
   algorithms::Tuning t{d.segment_bytes ? d.segment_bytes : options_.segment_bytes,
                        options_.small_message_bytes};

@@ -106,6 +106,7 @@ class Communicator {
   bool connected_ = false;
   bool closed_ = false;
   uint64_t next_seq_ = 1;
+  OpHistory history_;  // headers of the latest collectives, for mismatch reports
   std::atomic<uint64_t> pushed_{0};        // operations ever queued (lets a p2p batch look cheaply)
   std::atomic<bool> p2p_batch_open_{false};  // a p2p batch runs: wake it when more p2p is queued
   std::vector<uint64_t> send_seq_, recv_seq_;

@@ -56,6 +56,7 @@ class Runner {
   bool advance_send(Transfer& x);
   bool advance_recv(Transfer& x);
   void on_header(Transfer& x);
+  const OpHeader* earlier_collective(const OpHeader& theirs) const;
   [[noreturn]] void fail_closed(const Transfer& x, bool mid_frame);
   [[noreturn]] void rethrow_with_abort_reason(Link* link);
   void check_peers();
@@ -160,6 +161,13 @@ void Runner::fail_closed(const Transfer& x, bool mid_frame) {
                describe(op_of(x)), " (rank ", x.peer, " probably died or was killed)");
 }
 
+const OpHeader* Runner::earlier_collective(const OpHeader& theirs) const {
+  if (!ctx_.history || theirs.kind == Collective::kSendRecv || theirs.kind == Collective::kConnect ||
+      ctx_.op.kind == Collective::kSendRecv || theirs.seq >= ctx_.op.seq)
+    return nullptr;
+  return ctx_.history->find(theirs.seq);
+}
+
 void Runner::on_header(Transfer& x) {
   const OpHeader& expected = op_of(x);
   FrameHeader h;
@@ -181,10 +189,17 @@ void Runner::on_header(Transfer& x) {
   if (h.type != FrameType::kData)
     RINGCC_THROW(PeerError, who(), ": unknown frame type from rank ", x.peer);
   std::string diff = differing_fields(h.op, expected);
-  if (!diff.empty())
+  if (!diff.empty()) {
+    const OpHeader* mine = earlier_collective(h.op);
+    if (mine && !differing_fields(h.op, *mine).empty())
+      RINGCC_THROW(MismatchError, who(), ": operation mismatch with rank ", x.peer, ": rank ", x.peer,
+                   " called ", describe(h.op), " but rank ", mesh_.rank(), " called ", describe(*mine),
+                   "; they differ in: ", differing_fields(h.op, *mine), " (noticed during ",
+                   describe(expected), ")");
     RINGCC_THROW(MismatchError, who(), ": operation mismatch with rank ", x.peer, ": rank ", x.peer,
                  " called ", describe(h.op), " but rank ", mesh_.rank(), " called ",
                  describe(expected), "; they differ in: ", diff);
+  }
   if (h.payload_bytes != x.bytes)
     RINGCC_THROW(MismatchError, who(), ": size mismatch with rank ", x.peer, " in ",
                  describe(expected), ": rank ", x.peer, " sent ", h.payload_bytes,

@@ -71,6 +71,25 @@ class TransferFeed {
   virtual void completed(size_t index) = 0;
 };
 
+// The headers of this rank's most recent collectives, by sequence number. A peer whose
+// frame belongs to an operation this rank has already finished disagreed with it there
+// (a rooted operation can end on a rank that never read the odd frame); the receiver
+// reports that disagreement, against its own header of the same number, instead of
+// comparing the stray frame with whatever operation it runs now.
+class OpHistory {
+ public:
+  void record(const OpHeader& h) { ring_[h.seq % kDepth] = h; }
+  // This rank's header with sequence number `seq`, if it is still remembered.
+  const OpHeader* find(uint64_t seq) const {
+    const OpHeader& h = ring_[seq % kDepth];
+    return seq != 0 && h.seq == seq ? &h : nullptr;
+  }
+
+ private:
+  static constexpr size_t kDepth = 64;
+  OpHeader ring_[kDepth];
+};
+
 // Everything an operation's transfers share.
 struct OpContext {
   Mesh* mesh = nullptr;
@@ -82,6 +101,7 @@ struct OpContext {
   double spin_seconds = 20e-6;
   // More local ranks than CPUs: spin with sched_yield() so the peer we wait for can run.
   bool yield_while_spinning = false;
+  const OpHistory* history = nullptr;  // this rank's earlier collectives (may be null)
 
   int rank() const { return mesh->rank(); }
   int size() const { return mesh->size(); }
