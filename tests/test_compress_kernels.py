@@ -496,7 +496,7 @@ def test_bad_tensor_arguments():
         K.compress(np.zeros(4, np.float32), "fp16")
     with pytest.raises(TypeError, match="x must have dtype torch.float32, got torch.float64"):
         K.compress(torch.zeros(4, dtype=torch.float64), "fp16")
-    with pytest.raises(ValueError, match="x must be on the CPU, got device meta"):
+    with pytest.raises(ValueError, match="x must be on the CPU or a CUDA device, got device meta"):
         K.compress(torch.zeros(4, device="meta"), "fp16")
     with pytest.raises(ValueError, match="x must be contiguous"):
         K.compress(torch.zeros(4, 4).t(), "fp16")
@@ -606,3 +606,32 @@ def test_native_entry_points_validate_too():
     _C._compress(0, 0, 0, DT.float16, 1.0)
     _C._decompress(0, 0, 0, DT.bfloat16, True)
     _C._pack(0, [], [], [])
+
+
+# ------------------------------------------------- decompress_add_compress (CPU path)
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+@pytest.mark.parametrize("in_place", [False, True])
+@SETTINGS
+@given(n=st.integers(1, 3 * B + 5), seed=st.integers(0, 2 ** 32 - 1))
+def test_decompress_add_compress_is_one_ring_step(compression, in_place, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    incoming = torch.randn(n, generator=g) * 10.0 ** torch.randint(-6, 7, (n,), generator=g)
+    local = torch.randn(n, generator=g)
+    wire_in = K.compress(incoming, compression)
+    expected_wire = K.compress(local + K.decompress(wire_in, n, compression), compression)
+    sum_out = torch.full((n,), float("nan"))
+    out = wire_in.clone() if in_place else None
+    got = K.decompress_add_compress(out if in_place else wire_in, local, compression, out=out, sum_out=sum_out)
+    assert torch.equal(got, expected_wire)
+    assert torch.equal(sum_out, K.decompress(expected_wire, n, compression))
+
+
+def test_decompress_add_compress_rejects_bad_arguments():
+    local = torch.ones(10)
+    wire = K.compress(local, "fp16")
+    with pytest.raises(ValueError, match="wire_in has 2 bytes; 10 compressed values take"):
+        K.decompress_add_compress(wire[:2], local, "fp16")
+    with pytest.raises(ValueError, match="sum_out has 3 elements, expected 10"):
+        K.decompress_add_compress(wire, local, "fp16", sum_out=torch.zeros(3))
+    with pytest.raises(ValueError, match="sum_out and local overlap"):
+        K.decompress_add_compress(wire, local, "fp16", sum_out=local)

@@ -7,6 +7,15 @@ import platform
 import sys
 
 
+def _cuda_row(d: dict) -> str:
+    if not d["cuda"]:
+        return "no (built without CUDA kernels)"
+    from ._native import _C
+
+    archs = ", ".join(f"sm_{a}" for a in d["cuda_architectures"].split(";") if a)
+    return f"kernels for {archs}; {_C._cuda_device_count()} GPU(s) visible (the GPU data path is not built yet)"
+
+
 def _info(_args: argparse.Namespace) -> int:
     import ringcc
 
@@ -16,7 +25,7 @@ def _info(_args: argparse.Namespace) -> int:
         ("python", platform.python_version()),
         ("compiler", f"{d['compiler']} ({d['build_type']})"),
         ("simd", f"{d['simd_active']} (best on this CPU: {d['simd_best']}; compiled: {', '.join(d['simd_compiled'])})"),
-        ("cuda", "yes" if d["cuda"] else "no (built without CUDA kernels)"),
+        ("cuda", _cuda_row(d)),
         ("transports", ", ".join(d["transports"])),
     ]
     try:

@@ -7,14 +7,17 @@ in [2^14, 2^15) before rounding, so the error is at most 2^-11 (fp16) or 2^-8 (b
 that block's largest magnitude, and no value overflows or flushes to zero for being far
 outside float16's range. Blocks holding inf or NaN are carried unscaled.
 
-Every function validates its arguments (torch tensors, on the CPU, contiguous, of the
-right dtype and size, not overlapping where that matters) and raises TypeError or
-ValueError naming what is wrong. The work itself runs in one native call without the
-GIL. Functions documented as in place write into the given tensors' memory directly:
-autograd does not see these writes.
+Every function validates its arguments (torch tensors, all on the CPU or all on one CUDA
+device, contiguous, of the right dtype and size, not overlapping where that matters) and
+raises TypeError or ValueError naming what is wrong. On the CPU the work runs in one
+native call without the GIL. On a GPU it is enqueued on the device's current CUDA stream
+(one launch; pack/unpack one per 1024 tensors) and the call returns at once, so it is
+ordered with the caller's other work on that stream like any torch operation; a build
+without CUDA kernels raises RuntimeError for CUDA tensors. Functions documented as in
+place write into the given tensors' memory directly: autograd does not see these writes.
 
-Bit-for-bit, the wire bytes do not depend on the CPU's instruction set (ranks of one
-job may run on different machines).
+Bit-for-bit, the wire bytes do not depend on the CPU's instruction set or on whether a
+GPU made them (ranks of one job may run on different machines).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ __all__ = [
     "decompress",
     "error_feedback",
     "round_trip",
+    "decompress_add_compress",
     "pack",
     "unpack",
 ]
@@ -80,15 +84,35 @@ def _count(numel, what: str = "numel") -> int:
     return int(numel)
 
 
+_ANY = object()  # _tensor(device=_ANY): the CPU or any CUDA device
+
+
+def _where(t) -> Optional[int]:
+    """None for a CPU tensor, else the index of its CUDA device (already checked)."""
+    return None if t.is_cpu else t.device.index
+
+
+def _describe(device: Optional[int]) -> str:
+    return "cpu" if device is None else f"cuda:{device}"
+
+
 # Checks are ordered and written for speed (is_cpu, not device.type): pack() runs them
 # for every tensor of a bucket, and they cost more than copying a small tensor.
-def _tensor(t, what: str, dtype=None) -> "torch.Tensor":
+def _tensor(t, what: str, dtype=None, device=_ANY) -> "torch.Tensor":
+    """Checks `t`; `device` is _ANY (CPU or CUDA), None (CPU) or a CUDA device index."""
     if not isinstance(t, _torch().Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
     if dtype is not None and t.dtype != dtype:
         raise TypeError(f"{what} must have dtype {dtype}, got {t.dtype}")
     if not t.is_cpu:
-        raise ValueError(f"{what} must be on the CPU, got device {t.device}")
+        if not t.is_cuda:
+            raise ValueError(f"{what} must be on the CPU or a CUDA device, got device {t.device}")
+        if not _C.build_info()["cuda"]:
+            raise RuntimeError(f"{what} is on {t.device}, but this ringcc build has no CUDA kernels (no CUDA "
+                               f"compiler was found when it was built); rebuild with nvcc on the PATH, or "
+                               f"move the tensor to the CPU")
+    if device is not _ANY and _where(t) != device:
+        raise ValueError(f"{what} is on {t.device}, but the other tensors are on {_describe(device)}")
     if not t.is_contiguous():
         raise ValueError(f"{what} must be contiguous (call .contiguous() first)")
     if t.is_complex() and t.is_conj():
@@ -111,6 +135,17 @@ def _check_disjoint(a, a_what: str, b, b_what: str) -> None:
         raise ValueError(f"{a_what} and {b_what} overlap in memory")
 
 
+def _run(device: Optional[int], cpu_fn, cuda_fn, *args) -> None:
+    """Runs the CPU kernel, or enqueues the CUDA one on `device`'s current stream (with
+    `device` current while it is launched; the caller's current device is restored)."""
+    if device is None:
+        cpu_fn(*args)
+        return
+    torch = _torch()
+    with torch.cuda.device(device):
+        cuda_fn(*args, torch.cuda.current_stream(device).cuda_stream)
+
+
 # ---- compression --------------------------------------------------------------------
 
 
@@ -129,19 +164,21 @@ def compress(x: "torch.Tensor", compression: str, prescale: float = 1.0, *,
     torch = _torch()
     wire_type = _wire_type(compression)
     x = _tensor(x, "x", torch.float32)
+    device = _where(x)
     if type(prescale) is not float and (isinstance(prescale, bool) or not isinstance(prescale, numbers.Real)):
         raise TypeError(f"prescale must be a real number, got {type(prescale).__name__}")
     if not math.isfinite(prescale):
         raise ValueError(f"prescale must be finite, got {prescale}")
     nbytes = compressed_nbytes(x.numel())
     if out is None:
-        out = torch.empty(nbytes, dtype=torch.uint8)
+        out = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
     else:
-        out = _tensor(out, "out", torch.uint8)
+        out = _tensor(out, "out", torch.uint8, device)
         if out.numel() != nbytes:
             raise ValueError(f"out has {out.numel()} bytes; {x.numel()} values compress to {nbytes}")
         _check_disjoint(x, "x", out, "out")
-    _C._compress(out.data_ptr(), x.data_ptr(), x.numel(), wire_type, float(prescale))
+    _run(device, _C._compress, getattr(_C, "_cuda_compress", None), out.data_ptr(), x.data_ptr(), x.numel(),
+         wire_type, float(prescale))
     return out
 
 
@@ -157,19 +194,21 @@ def decompress(wire: "torch.Tensor", numel: int, compression: str,
     wire_type = _wire_type(compression)
     numel = _count(numel)
     wire = _tensor(wire, "wire", torch.uint8)
+    device = _where(wire)
     nbytes = compressed_nbytes(numel)
     if wire.numel() != nbytes:
         raise ValueError(f"wire has {wire.numel()} bytes; {numel} compressed values take {nbytes}")
     if out is None:
         if accumulate:
             raise ValueError("accumulate=True needs `out` (the tensor to add into)")
-        out = torch.empty(numel, dtype=torch.float32)
+        out = torch.empty(numel, dtype=torch.float32, device=wire.device)
     else:
-        out = _tensor(out, "out", torch.float32)
+        out = _tensor(out, "out", torch.float32, device)
         if out.numel() != numel:
             raise ValueError(f"out has {out.numel()} elements, expected numel={numel}")
         _check_disjoint(wire, "wire", out, "out")
-    _C._decompress(out.data_ptr(), wire.data_ptr(), numel, wire_type, bool(accumulate))
+    _run(device, _C._decompress, getattr(_C, "_cuda_decompress", None), out.data_ptr(), wire.data_ptr(), numel,
+         wire_type, bool(accumulate))
     return out
 
 
@@ -183,11 +222,13 @@ def error_feedback(x: "torch.Tensor", residual: "torch.Tensor", compression: str
     torch = _torch()
     wire_type = _wire_type(compression)
     x = _tensor(x, "x", torch.float32)
-    residual = _tensor(residual, "residual", torch.float32)
+    device = _where(x)
+    residual = _tensor(residual, "residual", torch.float32, device)
     if x.shape != residual.shape:
         raise ValueError(f"x has shape {tuple(x.shape)} but residual has shape {tuple(residual.shape)}")
     _check_disjoint(x, "x", residual, "residual")
-    _C._error_feedback(x.data_ptr(), residual.data_ptr(), x.numel(), wire_type)
+    _run(device, _C._error_feedback, getattr(_C, "_cuda_error_feedback", None), x.data_ptr(), residual.data_ptr(),
+         x.numel(), wire_type)
     return x
 
 
@@ -196,36 +237,87 @@ def round_trip(x: "torch.Tensor", compression: str) -> "torch.Tensor":
     torch = _torch()
     wire_type = _wire_type(compression)
     x = _tensor(x, "x", torch.float32)
-    _C._round_trip(x.data_ptr(), x.numel(), wire_type)
+    _run(_where(x), _C._round_trip, getattr(_C, "_cuda_round_trip", None), x.data_ptr(), x.numel(), wire_type)
     return x
+
+
+def decompress_add_compress(wire_in: "torch.Tensor", local: "torch.Tensor", compression: str, *,
+                            out: Optional["torch.Tensor"] = None,
+                            sum_out: Optional["torch.Tensor"] = None) -> "torch.Tensor":
+    """One step of the compressed ring: y = local + decode(wire_in) in fp32, returns
+    encode(y) (into `out` if given, which may be `wire_in` itself). With `sum_out`
+    (float32, like `local`), also writes decode(encode(y)) there: the values every rank
+    ends up holding. On a GPU this is one fused kernel; on the CPU, three passes.
+    """
+    torch = _torch()
+    wire_type = _wire_type(compression)
+    local = _tensor(local, "local", torch.float32)
+    device = _where(local)
+    numel = local.numel()
+    nbytes = compressed_nbytes(numel)
+    wire_in = _tensor(wire_in, "wire_in", torch.uint8, device)
+    if wire_in.numel() != nbytes:
+        raise ValueError(f"wire_in has {wire_in.numel()} bytes; {numel} compressed values take {nbytes}")
+    _check_disjoint(wire_in, "wire_in", local, "local")
+    if out is None:
+        out = torch.empty(nbytes, dtype=torch.uint8, device=local.device)
+    else:
+        out = _tensor(out, "out", torch.uint8, device)
+        if out.numel() != nbytes:
+            raise ValueError(f"out has {out.numel()} bytes; {numel} values compress to {nbytes}")
+        _check_disjoint(out, "out", local, "local")
+        if out.data_ptr() != wire_in.data_ptr():
+            _check_disjoint(out, "out", wire_in, "wire_in")
+    if sum_out is not None:
+        sum_out = _tensor(sum_out, "sum_out", torch.float32, device)
+        if sum_out.numel() != numel:
+            raise ValueError(f"sum_out has {sum_out.numel()} elements, expected {numel} (like local)")
+        for other, name in ((local, "local"), (wire_in, "wire_in"), (out, "out")):
+            _check_disjoint(sum_out, "sum_out", other, name)
+    if device is not None:
+        _run(device, None, _C._cuda_decompress_add_compress, out.data_ptr(), wire_in.data_ptr(), local.data_ptr(),
+             0 if sum_out is None else sum_out.data_ptr(), numel, wire_type)
+        return out
+    y = local.clone()
+    _C._decompress(y.data_ptr(), wire_in.data_ptr(), numel, wire_type, True)
+    _C._compress(out.data_ptr(), y.data_ptr(), numel, wire_type, 1.0)
+    if sum_out is not None:
+        _C._decompress(sum_out.data_ptr(), out.data_ptr(), numel, wire_type, False)
+    return out
 
 
 # ---- bucketing ----------------------------------------------------------------------
 
 
 def _pieces(tensors, what: str) -> tuple:
-    """Validate `tensors` (one dtype, CPU, contiguous). Returns (dtype, data pointers,
-    byte offsets in the flat buffer, byte sizes, total numel)."""
+    """Validate `tensors` (one dtype, one device, contiguous). Returns (dtype, device,
+    data pointers, byte offsets in the flat buffer, byte sizes, total numel)."""
     torch = _torch()
     if not isinstance(tensors, (list, tuple)):
         raise TypeError(f"{what} must be a list or tuple of tensors, got {type(tensors).__name__}")
     if len(tensors) == 0:
         raise ValueError(f"{what} is empty")
     Tensor = torch.Tensor
-    dtype = getattr(tensors[0], "dtype", None)
+    first = _tensor(tensors[0], f"{what}[0]")
+    dtype, device = first.dtype, _where(first)
     # A bucket may hold thousands of small tensors: one pass of cheap checks, and only
     # when it fails the slow loop that finds and names the culprit.
-    if not all(isinstance(t, Tensor) and t.dtype == dtype and t.is_cpu and t.is_contiguous()
-               and not (t.is_complex() and t.is_conj()) for t in tensors):
+    if device is None:
+        fine = all(isinstance(t, Tensor) and t.dtype == dtype and t.is_cpu and t.is_contiguous()
+                   and not (t.is_complex() and t.is_conj()) for t in tensors)
+    else:
+        fine = all(isinstance(t, Tensor) and t.dtype == dtype and t.is_cuda and t.get_device() == device
+                   and t.is_contiguous() and not (t.is_complex() and t.is_conj()) for t in tensors)
+    if not fine:
         for i, t in enumerate(tensors):
-            _tensor(t, f"{what}[{i}]")
+            _tensor(t, f"{what}[{i}]", None, device)
             if t.dtype != dtype:
                 raise TypeError(f"{what}[{i}] has dtype {t.dtype}, but {what}[0] has {dtype} (all must match)")
     ptrs = [t.data_ptr() for t in tensors]
     nbytes = [t.nbytes for t in tensors]
     offsets = list(itertools.accumulate(nbytes, initial=0))
     total = offsets.pop()
-    return dtype, ptrs, offsets, nbytes, total // tensors[0].element_size()
+    return dtype, device, ptrs, offsets, nbytes, total // tensors[0].element_size()
 
 
 def _check_pieces_disjoint(ptrs, nbytes, flat, flat_what: str, what: str, each_other: bool) -> None:
@@ -247,8 +339,8 @@ def _check_pieces_disjoint(ptrs, nbytes, flat, flat_what: str, what: str, each_o
             raise ValueError(f"{what}[{i}] and {what}[{j}] overlap in memory")
 
 
-def _check_flat(flat, what: str, dtype, numel: int) -> "torch.Tensor":
-    flat = _tensor(flat, what)
+def _check_flat(flat, what: str, dtype, device, numel: int) -> "torch.Tensor":
+    flat = _tensor(flat, what, None, device)
     if flat.dtype != dtype:
         raise TypeError(f"{what} has dtype {flat.dtype}, but the tensors have {dtype}")
     if flat.numel() != numel:
@@ -257,19 +349,19 @@ def _check_flat(flat, what: str, dtype, numel: int) -> "torch.Tensor":
 
 
 def pack(tensors: Sequence["torch.Tensor"], out: Optional["torch.Tensor"] = None) -> "torch.Tensor":
-    """Copy `tensors` (one dtype, CPU, contiguous) back to back into one flat tensor.
+    """Copy `tensors` (one dtype, one device, contiguous) back to back into one flat tensor.
 
     Returns a new 1-D tensor of their total numel, or fills and returns `out` (same dtype
     and total numel, not overlapping any of them).
     """
     torch = _torch()
-    dtype, ptrs, offsets, nbytes, numel = _pieces(tensors, "tensors")
+    dtype, device, ptrs, offsets, nbytes, numel = _pieces(tensors, "tensors")
     if out is None:
-        out = torch.empty(numel, dtype=dtype)
+        out = torch.empty(numel, dtype=dtype, device=tensors[0].device)
     else:
-        out = _check_flat(out, "out", dtype, numel)
+        out = _check_flat(out, "out", dtype, device, numel)
         _check_pieces_disjoint(ptrs, nbytes, out, "out", "tensors", each_other=False)
-    _C._pack(out.data_ptr(), ptrs, offsets, nbytes)
+    _run(device, _C._pack, getattr(_C, "_cuda_pack", None), out.data_ptr(), ptrs, offsets, nbytes)
     return out
 
 
@@ -278,8 +370,8 @@ def unpack(flat: "torch.Tensor", tensors: Sequence["torch.Tensor"]) -> Sequence[
     `tensors` (shapes kept). The tensors must not overlap `flat` or each other. Returns
     `tensors`.
     """
-    dtype, ptrs, offsets, nbytes, numel = _pieces(tensors, "tensors")
-    flat = _check_flat(flat, "flat", dtype, numel)
+    dtype, device, ptrs, offsets, nbytes, numel = _pieces(tensors, "tensors")
+    flat = _check_flat(flat, "flat", dtype, device, numel)
     _check_pieces_disjoint(ptrs, nbytes, flat, "flat", "tensors", each_other=True)
-    _C._unpack(flat.data_ptr(), ptrs, offsets, nbytes)
+    _run(device, _C._unpack, getattr(_C, "_cuda_unpack", None), flat.data_ptr(), ptrs, offsets, nbytes)
     return tensors

@@ -20,6 +20,7 @@ namespace py = pybind11;
 using namespace ringcc;
 
 void bind_ps(py::module_& m);  // ps_bindings.cpp
+void bind_cuda(py::module_& m);  // cuda_bindings.cpp
 
 namespace {
 
@@ -288,6 +289,7 @@ PYBIND11_MODULE(_C, m) {
     d["simd_active"] = kernels::simd_level_name(kernels::simd_level());
     d["simd_compiled"] = py::cast(std::vector<std::string>(RINGCC_SIMD_COMPILED));
     d["cuda"] = bool(RINGCC_WITH_CUDA);
+    d["cuda_architectures"] = std::string(RINGCC_CUDA_ARCHITECTURES);
     d["transports"] = py::cast(std::vector<std::string>{"tcp", "shm"});
     d["compiler"] = RINGCC_COMPILER;
     d["build_type"] = RINGCC_BUILD_TYPE;
@@ -332,4 +334,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("_set_simd_level", [](const std::string& s) { kernels::set_simd_level(parse_simd(s)); });
   m.def("_simd_level", []() { return std::string(kernels::simd_level_name(kernels::simd_level())); });
   bind_ps(m);
+  bind_cuda(m);
 }

@@ -33,6 +33,7 @@
 #endif
 
 #include "ringcc/common/dtype.h"
+#include "ringcc/kernels/block_scale.h"
 #include "ringcc/kernels/cpu/compress.h"
 #include "ringcc/kernels/cpu/half.h"
 #include "ringcc/kernels/cpu/kernel_table.h"
@@ -40,29 +41,10 @@
 namespace ringcc::kernels::RINGCC_KERNEL_NS {
 namespace block_scaled {
 
-constexpr uint32_t kAbsMask = 0x7fffffffu;
-constexpr uint32_t kInfBits = 0x7f800000u;
-
-// Multiplier and stored inverse of one block, from the largest |value| of the block as
-// bits (|floats| order like their bit patterns; >= kInfBits means inf or NaN).
-// The exponent k = 14 - floor(log2(max)) brings max into [2^14, 2^15); a subnormal max
-// has biased exponent 0 and hits the clamp at 126. Finite maxima give k >= -113, so the
-// lower clamp of the format (-126) is never reached. Both powers of two are built from
-// exponent bits, so they are exact and independent of the floating-point environment.
-struct BlockScale {
-  float scale;
-  float inverse;
-};
-
-inline BlockScale block_scale(uint32_t max_bits) {
-  int k = 0;  // inf/NaN or all-zero block: scale 1
-  if (max_bits != 0 && max_bits < kInfBits) {
-    k = 141 - static_cast<int>(max_bits >> 23);  // 14 - (biased exponent - 127)
-    if (k > 126) k = 126;
-  }
-  return {half::bits_to_f32(static_cast<uint32_t>(127 + k) << 23),
-          half::bits_to_f32(static_cast<uint32_t>(127 - k) << 23)};
-}
+using ::ringcc::kernels::block_scaled::BlockScale;
+using ::ringcc::kernels::block_scaled::block_scale;
+using ::ringcc::kernels::block_scaled::kAbsMask;
+using ::ringcc::kernels::block_scaled::kInfBits;
 
 inline uint16_t load_u16(const uint8_t* p) {
   uint16_t v;

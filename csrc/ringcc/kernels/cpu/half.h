@@ -14,21 +14,34 @@
 //  - fp32 -> fp16 keeps the top payload bits and sets the quiet bit.
 #pragma once
 
+//
+// The functions are also compiled for CUDA devices (RINGCC_HD), so the GPU kernels round
+// exactly like the CPU ones.
 #include <cstdint>
 #include <cstring>
 
+#include "ringcc/common/hd.h"
+
 namespace ringcc::half {
 
-static inline float bits_to_f32(uint32_t u) {
+static inline RINGCC_HD float bits_to_f32(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
+#endif
 }
 
-static inline uint32_t f32_to_bits(float f) {
+static inline RINGCC_HD uint32_t f32_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
   return u;
+#endif
 }
 
 // ---- IEEE binary16 -----------------------------------------------------------------
@@ -36,12 +49,12 @@ static inline uint32_t f32_to_bits(float f) {
 // Branch-free select. Plain `c ? a : b` chains get turned into control flow, and GCC
 // then refuses to if-convert the int->float conversion below (-ftrapping-math), which
 // blocks vectorization of the conversion loops; a mask keeps them straight-line.
-static inline uint32_t select_u32(bool c, uint32_t a, uint32_t b) {
+static inline RINGCC_HD uint32_t select_u32(bool c, uint32_t a, uint32_t b) {
   const uint32_t m = 0u - static_cast<uint32_t>(c);
   return (a & m) | (b & ~m);
 }
 
-static inline float fp16_to_fp32(uint16_t h) {
+static inline RINGCC_HD float fp16_to_fp32(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t em = h & 0x7fffu;  // exponent + mantissa
   const uint32_t shifted = em << 13;
@@ -58,7 +71,7 @@ static inline float fp16_to_fp32(uint16_t h) {
   return bits_to_f32(r | sign);
 }
 
-static inline uint16_t fp32_to_fp16(float f) {
+static inline RINGCC_HD uint16_t fp32_to_fp16(float f) {
   const uint32_t u = f32_to_bits(f);
   const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t a = u & 0x7fffffffu;
@@ -89,9 +102,9 @@ static inline uint16_t fp32_to_fp16(float f) {
 
 // ---- bfloat16 ----------------------------------------------------------------------
 
-static inline float bf16_to_fp32(uint16_t h) { return bits_to_f32(static_cast<uint32_t>(h) << 16); }
+static inline RINGCC_HD float bf16_to_fp32(uint16_t h) { return bits_to_f32(static_cast<uint32_t>(h) << 16); }
 
-static inline uint16_t fp32_to_bf16(float f) {
+static inline RINGCC_HD uint16_t fp32_to_bf16(float f) {
   const uint32_t u = f32_to_bits(f);
   // Round to nearest even by adding just under half an ulp plus the lowest kept bit;
   // overflow of finite values into infinity is the correct IEEE result.

@@ -29,6 +29,7 @@
 #endif
 
 #include "ringcc/common/dtype.h"
+#include "ringcc/common/hd.h"
 #include "ringcc/kernels/cpu/half.h"
 #include "ringcc/kernels/cpu/kernel_table.h"
 
@@ -36,71 +37,7 @@ namespace ringcc::kernels::RINGCC_KERNEL_NS {
 
 // ---- elementwise operators ---------------------------------------------------------
 
-struct FSum {
-  template <class T> static T apply(T a, T b) { return a + b; }
-};
-struct FProd {
-  template <class T> static T apply(T a, T b) { return a * b; }
-};
-// NaN-propagating min/max: a NaN `a` wins, then a NaN `b`, else the ordinary result.
-// Written as selects (no branches) so they become compare + blend vector code.
-struct FMin {
-  template <class T> static T apply(T a, T b) {
-    T r = b < a ? b : a;
-    r = b != b ? b : r;
-    return a != a ? a : r;
-  }
-};
-struct FMax {
-  template <class T> static T apply(T a, T b) {
-    T r = b > a ? b : a;
-    r = b != b ? b : r;
-    return a != a ? a : r;
-  }
-};
-
-// Integer sum/prod run in the unsigned type of the same width: wraparound is then
-// well defined. `1u *` keeps narrow unsigned types from promoting to (signed) int,
-// whose multiplication could overflow.
-struct ISum {
-  template <class T> static T apply(T a, T b) {
-    using U = std::make_unsigned_t<T>;
-    return static_cast<T>(static_cast<U>(1u * static_cast<U>(a) + static_cast<U>(b)));
-  }
-};
-struct IProd {
-  template <class T> static T apply(T a, T b) {
-    using U = std::make_unsigned_t<T>;
-    return static_cast<T>(static_cast<U>(1u * static_cast<U>(a) * static_cast<U>(b)));
-  }
-};
-struct IMin {
-  template <class T> static T apply(T a, T b) { return b < a ? b : a; }
-};
-struct IMax {
-  template <class T> static T apply(T a, T b) { return b > a ? b : a; }
-};
-struct IAnd {
-  template <class T> static T apply(T a, T b) { return static_cast<T>(a & b); }
-};
-struct IOr {
-  template <class T> static T apply(T a, T b) { return static_cast<T>(a | b); }
-};
-struct IXor {
-  template <class T> static T apply(T a, T b) { return static_cast<T>(a ^ b); }
-};
-
-// bool is handled as bytes (a bool object holding anything but 0/1 is UB to read);
-// normalising with != 0 guarantees 0/1 results even for sloppy inputs.
-struct BOr {
-  template <class T> static T apply(T a, T b) { return static_cast<T>((a | b) != 0); }
-};
-struct BAnd {
-  template <class T> static T apply(T a, T b) { return static_cast<T>((a != 0) & (b != 0)); }
-};
-struct BXor {
-  template <class T> static T apply(T a, T b) { return static_cast<T>((a != 0) ^ (b != 0)); }
-};
+#include "ringcc/kernels/elementwise_ops.inc"
 
 template <class Op, class T>
 void binary_loop(T* out, const T* a, const T* b, size_t n) {
