@@ -1,22 +1,56 @@
 #!/usr/bin/env python3
-"""Emulated multi-host run of `ringcc bench` on one machine (needs root).
+"""Emulated multi-host runs on one machine (needs root): `ringcc bench`, and network faults.
 
 Builds H "hosts" as network namespaces plugged into a bridge that lives in a namespace of
 its own ("switch"), so no traffic touches the machine's real network. Every host link is
-rate-limited in both directions with a token bucket (`tc tbf`). One torchrun agent per
-host starts the ranks (`--nnodes H`, c10d rendezvous at host 0), and the bench measures
-ringcc and gloo side by side. Each result is reported as a fraction of the link bound of
-a ring allreduce,
+rate-limited in both directions with a token bucket (`tc tbf`). Everything it made
+(namespaces, links, processes) is deleted on exit, also after a failure, Ctrl-C or
+SIGTERM.
+
+Bench (the default, --scenario bench). One torchrun agent per host starts the ranks
+(`--nnodes H`, c10d rendezvous at host 0), and the bench measures ringcc and gloo side
+by side. Each result is reported as a fraction of the link bound of a ring allreduce,
 
     t_bound = 2 (n - 1) / n * S / B      (n ranks on n hosts, S bytes, B link rate)
 
-i.e. busbw / B. Everything it made is deleted on exit, also after a failure or Ctrl-C.
+i.e. busbw / B.
 
     sudo python3 bench/emulate_hosts.py --hosts 4 --rate-gbit 2 --sizes 1M,16M,64M \\
         --out-md bench/results/emulated_4hosts_2gbit.md
 
-Exit status: 0 when the bench ran and verified every result, 77 when the machine cannot
-host the emulation (not root, no `ip`/`tc`, no network namespaces), 1 otherwise.
+Network faults (--scenario allreduce | ps-async). One rank per host runs
+bench/fault_worker.py (a stream of exactly checked ringcc allreduces, or async
+parameter-server training with the server and the store on host 0); each rank prints
+its events (ready, step, error, done, exit) with CLOCK_MONOTONIC times, which every
+namespace shares with the harness. Faults:
+
+    --cut HOST --cut-at-step K   when HOST's rank reports step K, cut HOST off the switch:
+                                 --cut-how drop (the port stops forwarding; links stay
+                                 up) or down (the port goes down; the host loses carrier)
+    --slow HOST                  --slow-rate-mbit R: HOST's link at R Mbit/s both ways;
+                                 --sleep-s S [--sleep-every K]: HOST's rank computes
+                                 (sleeps) S s before every K-th step
+    --op-timeout T               the ringcc timeout of the ranks (communicator, server)
+
+The fault is applied on an event the job printed, never after a guessed delay. The
+summary has one line per rank (steps, steps after the cut, step times, the error and
+how long after the cut it came, when it exited); --out-json writes the full report
+(the plan, every rank's events, exit status and output, what was left behind).
+
+    sudo python3 bench/emulate_hosts.py --scenario allreduce --hosts 4 --rate-gbit 1 \\
+        --cut 2 --cut-at-step 20 --op-timeout 10
+    sudo python3 bench/emulate_hosts.py --scenario ps-async --hosts 4 --cut 3 --cut-how down
+    sudo python3 bench/emulate_hosts.py --scenario allreduce --hosts 4 --rate-gbit 1 --steps 4 \\
+        --slow 2 --slow-rate-mbit 20 --sleep-s 4 --sleep-every 2
+
+tests/test_network_faults.py runs these (the drop cut in the default suite, the others
+with `pytest -m slow`); tests/test_emulation.py runs the bench (`pytest -m slow`).
+This kernel has no netem, so a slow link is emulated by its rate, not by latency.
+
+Exit status: 0 when the bench ran and verified every result (faults: when every rank
+ended by itself and nothing was left behind, whatever the ranks reported), 77 when the
+machine cannot host the emulation (not root, no iproute2, no network namespaces, no
+bridge or tbf), 1 otherwise.
 """
 
 from __future__ import annotations
@@ -48,14 +82,28 @@ def unavailable() -> Optional[str]:
     """Why this machine cannot run the emulation, or None."""
     if os.geteuid() != 0:
         return "needs root (network namespaces and tc)"
-    for tool in ("ip", "tc"):
+    for tool in ("ip", "tc", "bridge"):
         if shutil.which(tool) is None:
             return f"'{tool}' (iproute2) is not installed"
     probe = f"rccprobe{os.getpid()}"
     r = sh("ip", "netns", "add", probe, check=False)
     if r.returncode != 0:
         return f"cannot create a network namespace: {r.stderr.strip()}"
-    sh("ip", "netns", "del", probe, check=False)
+    try:
+        # Everything a topology and its faults use, once, inside the probe namespace
+        # (a root container may lack the bridge or tbf in its kernel, say).
+        for what, cmd in (("a bridge", ["ip", "link", "add", "rccbr", "type", "bridge"]),
+                          ("a veth pair", ["ip", "link", "add", "rccva", "type", "veth", "peer", "name", "rccvb"]),
+                          ("a bridge port", ["ip", "link", "set", "rccva", "master", "rccbr"]),
+                          ("a link up", ["ip", "link", "set", "rccva", "up"]),
+                          ("a bridge port state", ["bridge", "link", "set", "dev", "rccva", "state", "0"]),
+                          ("a tc tbf qdisc", ["tc", "qdisc", "add", "dev", "rccva", "root", "tbf", "rate", "1gbit",
+                                              "burst", "262144", "latency", "20ms"])):
+            r = sh("ip", "netns", "exec", probe, *cmd, check=False)
+            if r.returncode != 0:
+                return f"cannot create {what} in a network namespace: {r.stderr.strip()}"
+    finally:
+        sh("ip", "netns", "del", probe, check=False)
     return None
 
 
@@ -377,7 +425,8 @@ def run_fault_job(topo: Topology, a: argparse.Namespace) -> dict:
     n = len(topo.hosts)
     steps = fault_plan_steps(a)
     report = dict(scenario=a.scenario, hosts=n, rate_gbit=a.rate_gbit, op_timeout_s=a.op_timeout, steps=steps,
-                  fault=None, slow=None, failure=None, all_exited=False, ranks=[])
+                  namespaces=[topo.switch, *topo.hosts], fault=None, slow=None, failure=None, all_exited=False,
+                  ranks=[])
     if a.slow is not None:
         if a.slow_rate_mbit:
             topo.shape(a.slow, a.slow_rate_mbit / 1000)
@@ -437,6 +486,10 @@ def fault_summary(report: dict) -> str:
                f"{len(steps)} steps"
         if t_ref is not None:
             line += f", {sum(e['t'] > t_ref for e in steps)} after the cut"
+        dts = [e["dt"] for e in steps if "dt" in e]
+        if dts:
+            line += (" (" + " ".join(f"{dt:.2f}" for dt in dts) + " s)") if len(dts) <= 8 else \
+                f" ({min(dts):.3f}-{max(dts):.3f} s each)"
         if done:
             line += ", done" + (f", final loss {done['final_loss']:.3g}" if "final_loss" in done else "")
         if err:
