@@ -45,7 +45,7 @@ def run_allreduce(a: argparse.Namespace, state: dict) -> None:
     store = dist.TCPStore(a.master, a.port, a.world, is_master=a.rank == 0,
                           timeout=datetime.timedelta(seconds=a.setup_timeout))
     comm = ringcc.Communicator(store, a.rank, a.world, timeout=a.timeout)
-    emit("ready", transport=[comm.transport_to(p) for p in range(a.world)])
+    emit("ready", ringcc=ringcc.__file__, transport=[comm.transport_to(p) for p in range(a.world)])
     n = a.world
     base = (np.arange(a.elements) % 4096).astype(np.float32)
     x = np.empty(a.elements, np.float32)
@@ -80,7 +80,7 @@ def run_ps_async(a: argparse.Namespace, state: dict) -> None:
     ddp = ringcc.DistributedDataParallel(model, strategy="ps", ps_options=dict(
         mode="async", lr=0.05, momentum=0.5, staleness=a.world, timeout=a.timeout,
         shutdown_timeout=a.shutdown_timeout))
-    emit("ready")
+    emit("ready", ringcc=ringcc.__file__)
     g = torch.Generator().manual_seed(100 + a.rank)  # each worker its own data
     for step in range(a.steps):
         state["step"] = step

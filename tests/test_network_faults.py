@@ -89,6 +89,12 @@ def _events(rank: dict, ev: str) -> list:
     return [e for e in rank["records"] if e["ev"] == ev]
 
 
+def _over_tcp(rank: dict) -> None:
+    """The ranks reach each other over the emulated links (TCP), not shared memory."""
+    (ready,) = _events(rank, "ready")
+    assert ready["transport"] == ["self" if p == rank["rank"] else "tcp" for p in range(len(ready["transport"]))]
+
+
 def _error(rank: dict) -> dict:
     errors = _events(rank, "error")
     assert len(errors) == 1, f"rank {rank['rank']}: expected one error, got {errors}\n{rank['log_tail'][-2000:]}"
@@ -107,6 +113,7 @@ def test_cut_link_fails_every_rank_with_a_clear_error_within_the_timeout(tmp_pat
     assert len(report["ranks"]) == 4
     for rank in report["ranks"]:
         who = f"rank {rank['rank']}"
+        _over_tcp(rank)
         steps = _events(rank, "step")
         assert len(steps) >= at_step - 1 and not _events(rank, "done"), f"{who}: the cut was not mid-run"
         err = _error(rank)
@@ -122,7 +129,7 @@ def test_cut_link_fails_every_rank_with_a_clear_error_within_the_timeout(tmp_pat
         # The failing call returns and the communicator goes away at once; what follows is
         # the interpreter's (torch's) teardown, slow on a loaded machine but bounded.
         (ended,) = _events(rank, "exit")
-        assert ended["t"] - err["t"] < 2.0, f"{who}: {ended['t'] - err['t']:.1f} s from the error to main's return"
+        assert ended["t"] - err["t"] < 5.0, f"{who}: {ended['t'] - err['t']:.1f} s from the error to main's return"
         assert rank["t_exit"] - err["t"] < 30.0, f"{who}: exited {rank['t_exit'] - err['t']:.1f} s after its error"
     # Every survivor's error is about the unreachable rank somewhere in the chain, and
     # the cut rank itself also reports what it could not send or receive.
@@ -177,6 +184,7 @@ def test_slow_host_under_the_timeout_causes_no_false_failure(tmp_path):
     for rank in report["ranks"]:
         who = f"rank {rank['rank']}"
         assert rank["exit"] == 0 and not _events(rank, "error"), f"{who}:\n{rank['log_tail'][-3000:]}"
+        _over_tcp(rank)
         dts = [e["dt"] for e in _events(rank, "step")]  # each result was checked exactly by the worker
         assert len(dts) == steps and _events(rank, "done"), who
         for i, dt in enumerate(dts):
