@@ -145,9 +145,24 @@ class Topology:
                          "burst", str(self.burst_bytes), "latency", "20ms")
 
     def down(self) -> None:
+        # A process still inside would keep its namespace alive after `ip netns del`
+        # (a torchrun agent's workers outlive the agent's SIGKILL, say): end them first.
+        # Only this topology's namespaces are searched, so only what this run started.
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         for ns in reversed(self.made):
             sh("ip", "netns", "del", ns, check=False)
         self.made.clear()
+
+    def pids(self) -> List[int]:
+        """Processes running inside this topology's namespaces."""
+        found: List[int] = []
+        for ns in self.made:
+            found += [int(p) for p in sh("ip", "netns", "pids", ns, check=False).stdout.split()]
+        return found
 
     def _netns_add(self, ns: str) -> None:
         sh("ip", "netns", "add", ns)
@@ -321,9 +336,6 @@ class Job:
     def records(self, index: int) -> List[dict]:
         return [r for r in (parse_record(line) for _, line in self.procs[index].lines) if r is not None]
 
-    def still_running(self) -> List[int]:
-        return [p.popen.pid for p in self.procs if p.popen.poll() is None]
-
 
 def parse_record(line: str) -> Optional[dict]:
     """The event of a ``@rcc {json}`` line (bench/fault_worker.py), else None."""
@@ -446,7 +458,8 @@ def run_fault_job(topo: Topology, a: argparse.Namespace) -> dict:
             job.start(i, argv)
         deadline = time.monotonic() + a.timeout
         if a.cut is not None:
-            job.wait_for_record(a.cut, lambda r: r["ev"] == "step" and r["step"] >= a.cut_at_step, a.timeout)
+            job.wait_for_record(a.cut, lambda r: r["ev"] == "step" and r["step"] >= a.cut_at_step,
+                                deadline - time.monotonic())
             t0 = time.monotonic()
             topo.cut(a.cut, a.cut_how)
             report["fault"] = dict(kind="cut", host=a.cut, how=a.cut_how, at_step=a.cut_at_step, t_start=t0,
@@ -463,7 +476,9 @@ def run_fault_job(topo: Topology, a: argparse.Namespace) -> dict:
             report["ranks"].append(dict(rank=i, host=proc.host, pid=proc.popen.pid, exit=proc.popen.returncode,
                                         killed=proc.killed, t_exit=proc.t_exit, records=job.records(i),
                                         log_tail="\n".join(other)[-4000:]))
-        report["processes_left"] = job.still_running()
+        # Whatever still runs on the emulated hosts after the job's own processes were
+        # reaped (down() will end it, but it should not be there).
+        report["processes_left"] = topo.pids()
     return report
 
 
@@ -580,8 +595,8 @@ def main() -> int:
                 ap.error(f"{opt} {host}: hosts are 0..{a.hosts - 1}")
         if a.scenario == "ps-async" and a.cut == 0:
             ap.error("--cut 0: host 0 holds the store and the parameter server; cut a worker's host")
-        if a.nproc_per_host != 1 or a.bench_args:
-            ap.error("fault scenarios run one rank per host and take no bench arguments")
+        if a.nproc_per_host != 1 or a.bench_args or a.out_md:
+            ap.error("fault scenarios run one rank per host and take no bench arguments or --out-md")
     why = unavailable()
     if why:
         print(f"emulate_hosts: skipped: {why}", file=sys.stderr)

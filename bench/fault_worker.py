@@ -16,6 +16,7 @@ took to notice. Events: ready, step, error, done, exit (main returns).
                 regression; the server lives in rank 0 with the store. Survivors leave
                 through the store, highest rank first, so rank 0 (the server) goes last;
                 the ranks in --lost-ranks (the harness's fault plan) are not waited for.
+                --sleep-rank/--sleep-s/--sleep-every slow a worker down as above.
 
 Exit status: 0 done, 3 a ringcc error (reported in the "error" event), 1 anything else
 (also reported, e.g. a wrong allreduce result).
@@ -84,6 +85,8 @@ def run_ps_async(a: argparse.Namespace, state: dict) -> None:
     g = torch.Generator().manual_seed(100 + a.rank)  # each worker its own data
     for step in range(a.steps):
         state["step"] = step
+        if a.rank == a.sleep_rank and step % a.sleep_every == 0:
+            time.sleep(a.sleep_s)  # the slow worker's compute: the behaviour under test
         x = torch.randn(16, 8, generator=g)
         ddp.zero_grad()
         loss = nn.functional.mse_loss(ddp(x), x @ w_true + b_true)
