@@ -132,8 +132,9 @@ def main(argv=None) -> int:
         emit("error", type=type(exc).__name__, ringcc=isinstance(exc, ringcc.Error), message=str(exc),
              step=state["step"], trace=traceback.format_exc(limit=8))
         status = 3 if isinstance(exc, ringcc.Error) else 1
-    # Here the scenario's objects are gone (the traceback that held them too): what
-    # remains until the process ends is atexit work and the interpreter's teardown.
+    # allreduce: the communicator is gone here (with the traceback that held it), so
+    # what remains until the process ends is the interpreter's teardown. ps-async: the
+    # wrapper's goodbye to the servers runs at exit.
     emit("exit", status=status)
     return status
 

@@ -2,8 +2,8 @@
 network namespace, bench/fault_worker.py as the workload).
 
 - A host's link cut in the middle of a stream of allreduces: every rank, the cut one
-  included, raises a ringcc error naming the operation and the ranks it was waiting
-  for, within the configured timeout of the cut, and exits (the switch dropping the
+  included, raises a ringcc error naming the operation and the ranks that the first
+  rank to time out was waiting for, within the configured timeout of the cut, and exits (the switch dropping the
   host's frames: default suite, ~30 s; the switch port going down: slow).
 - Async parameter server, a worker's host cut: the other workers finish their training
   with a falling loss while the cut worker is still unresponsive, the server keeps
