@@ -238,6 +238,42 @@ def test_timeout_per_op_override(transport):
     assert isinstance(err1, ringcc.Error), repr(err1)
 
 
+def test_remote_timeout_carries_each_ranks_own_view(transport):
+    """Rank 2 never joins a ring allreduce. Rank 0 gives up first (short per-call
+    timeout); its text names what rank 0 waited for. Rank 1 receives that abort and must
+    add its own view, which names rank 2, the rank it waited on. A ring send that waits
+    for data still to come is described as such, not as the next rank's fault."""
+    released = threading.Event()
+    hold = threading.Barrier(3)
+    n = 1 << 20  # 4 MiB: the ring algorithm, not recursive doubling
+
+    def fn(comm):
+        _start(hold)
+        try:
+            if comm.rank == 2:
+                assert released.wait(30), "rank 1 never gave up"
+                return None
+            try:
+                comm.allreduce(np.ones(n, F32), timeout=1.0 if comm.rank == 0 else 30.0)
+            except ringcc.TimeoutError as exc:
+                return exc
+            finally:
+                if comm.rank == 1:
+                    released.set()
+            return None
+        finally:
+            _linger(hold)
+
+    err0, err1, _ = run_ranks(3, fn, transport=transport, timeout=60, join_timeout=60)
+    assert isinstance(err0, ringcc.TimeoutError) and isinstance(err1, ringcc.TimeoutError), (err0, err1)
+    own = re.search(r"\[when it reached rank 1, rank 1 was still waiting(.*)\]", str(err1))
+    assert own, str(err1)
+    assert str(err0) in str(err1)
+    assert re.search(r"\brank 2\b", own.group(1)), own.group(1)
+    # Rank 0's next send to rank 1 forwards what rank 2 never sent: not rank 1's fault.
+    assert "to send 262144 bytes to rank 1 (once the data from rank 2 has arrived)" in str(err0), str(err0)
+
+
 def test_timeout_in_point_to_point_batch_names_the_waiting_operation(transport):
     """Rank 0 posts an isend (which completes) and two irecvs rank 1 never matches; the
     first to expire names itself and the peer, and the other irecv fails with it."""

@@ -56,6 +56,8 @@ class Runner {
   bool advance_send(Transfer& x);
   bool advance_recv(Transfer& x);
   void on_header(Transfer& x);
+  void loop();
+  std::string pending() const;
   const OpHeader* earlier_collective(const OpHeader& theirs) const;
   [[noreturn]] void fail_closed(const Transfer& x, bool mid_frame);
   [[noreturn]] void rethrow_with_abort_reason(Link* link);
@@ -381,23 +383,36 @@ void Runner::block(uint32_t bell) {
   }
 }
 
-void Runner::timeout() {
+// "to send 4096 bytes to rank 1 (nothing accepted yet); to receive ..." for every
+// unfinished queue: what this rank is still waiting for.
+std::string Runner::pending() const {
   std::ostringstream os;
-  os << who() << ": " << describe(ctx_.op) << " timed out after " << ctx_.deadline.seconds
-     << " s; still waiting";
   const char* sep = " ";
   for (const Queue& q : queues_) {
     if (q.done()) continue;
     const Transfer& x = t_[q.items[q.head]];
     bool s = q.send;
+    if (x.stage == kAbortText) {  // x.bytes now counts the text
+      os << sep << "to receive from rank " << x.peer << " (an abort message came instead of data)";
+      sep = "; ";
+      continue;
+    }
     os << sep << (s ? "to send " : "to receive ") << x.bytes << " bytes " << (s ? "to" : "from")
        << " rank " << x.peer;
     if (x.op) os << " for " << describe(*x.op);
-    if (x.stage == kHeader && x.done == 0) os << " (nothing " << (s ? "accepted" : "arrived") << " yet)";
+    if (s && !ready(x))  // not this peer's fault: the data to forward has not come in
+      os << " (once the data from rank " << t_[x.after - 1].peer << " has arrived)";
+    else if (x.stage == kHeader && x.done == 0)
+      os << " (nothing " << (s ? "accepted" : "arrived") << " yet)";
     sep = "; ";
   }
-  os << " (is a rank stuck, dead, or calling a different operation?)";
-  throw TimeoutError(os.str());
+  return os.str();
+}
+
+void Runner::timeout() {
+  throw TimeoutError(detail::concat(who(), ": ", describe(ctx_.op), " timed out after ", ctx_.deadline.seconds,
+                                    " s; still waiting", pending(),
+                                    " (is a rank stuck, dead, or calling a different operation?)"));
 }
 
 void Runner::add_transfers(size_t from) {
@@ -435,6 +450,21 @@ bool Runner::pull_more() {
 }
 
 void Runner::run() {
+  try {
+    loop();
+  } catch (RemoteAbort& ra) {
+    // Another rank timed out first; its text names what *it* waited for, which may be a
+    // healthy rank one hop away from the culprit. Add this rank's own view.
+    if (ra.kind == AbortKind::kTimeout) {
+      const std::string mine = pending();
+      ra.text += detail::concat(" [when it reached rank ", mesh_.rank(), ", rank ", mesh_.rank(), " was still waiting",
+                                mine.empty() ? " for nothing in this operation" : mine, "]");
+    }
+    throw;
+  }
+}
+
+void Runner::loop() {
   add_transfers(0);
   auto* own = mesh_.own_control();
   auto spin = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(ctx_.spin_seconds));
