@@ -131,10 +131,12 @@ def test_cut_link_fails_every_rank_with_a_clear_error_within_the_timeout(tmp_pat
         (ended,) = _events(rank, "exit")
         assert ended["t"] - err["t"] < 5.0, f"{who}: {ended['t'] - err['t']:.1f} s from the error to main's return"
         assert rank["t_exit"] - err["t"] < 30.0, f"{who}: exited {rank['t_exit'] - err['t']:.1f} s after its error"
-    # The survivors all carry the text of whichever rank timed out first, which names
-    # only the ranks *it* was waiting for: often healthy neighbours, not the cut rank
-    # (rank 0 "waiting to receive from rank 3" while rank 3 waits for rank 2). So no
-    # survivor is required to name the cut rank. The cut rank reports its own timeout.
+    # The survivors carry the text of whichever rank timed out first, which names only
+    # the ranks *it* waited for (often healthy neighbours: rank 0 "waiting to receive
+    # from rank 3" while rank 3 waits for rank 2); each appends its own view, so the
+    # cut host's neighbours name it. The cut rank reports its own timeout.
+    survivors = [_error(r)["message"] for r in report["ranks"] if r["rank"] != cut_host]
+    assert any(re.search(rf"(from|to) rank {cut_host}\b", m) for m in survivors), survivors
     victim = _error(report["ranks"][cut_host])
     assert victim["type"] == "TimeoutError" and victim["message"].startswith(f"rank {cut_host}: allreduce"), victim
 
