@@ -564,8 +564,7 @@ struct Server::Impl {
                                        " s (RINGCC_HANDSHAKE_TIMEOUT)");
       log_reject(*c, why);
       send_error(*c, 0, ErrorCode::kAuth, why);
-      c->close_after_flush = true;
-      on_writable(*c);
+      c->close_after_flush = true;  // written and dropped below, in this iteration
     }
   }
 
@@ -761,6 +760,7 @@ struct Server::Impl {
           if (!c.dead && (re & POLLOUT)) on_writable(c);
         }
       }
+      expire_handshakes(Clock::now());
       // Replies queued while reading (e.g. a completed sync round for other workers)
       // go out now rather than after the next poll.
       for (auto& [id, c] : conns)
@@ -770,7 +770,6 @@ struct Server::Impl {
         if (c->dead || (c->close_after_flush && c->out.empty())) gone.push_back(id);
       for (uint64_t id : gone) drop(id);
       if (!open_rounds.empty()) expire_rounds(Clock::now());
-      expire_handshakes(Clock::now());
     }
   }
 };
