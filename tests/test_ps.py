@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 import ringcc
 from ringcc import ps
-from ps_helpers import close_all as _close, make_clients as _clients, start_servers as _servers
+from ps_helpers import close_all as _close, make_clients as _clients, raw_authenticate, start_servers as _servers
 from conftest import MemoryStore, run_ranks
 
 F32 = np.float32
@@ -184,7 +184,7 @@ def test_async_staleness_bound_refuses_old_pushes():
 
 
 # --------------------------------------------------------------------------- bad input
-def _hdr(mtype, *, sender=0, dtype=2, wire=0, key=0, numel=0, payload=0, rnd=0, magic=0x53504352, version=2):
+def _hdr(mtype, *, sender=0, dtype=2, wire=0, key=0, numel=0, payload=0, rnd=0, magic=0x53504352, version=3):
     return struct.pack("<IHBBIBBHQQQQQQ", magic, version, mtype, 0, sender, dtype, wire, 0, key, numel, payload,
                        rnd, 0, 0)
 
@@ -226,19 +226,18 @@ def test_bad_input_gets_clear_errors_and_the_server_keeps_serving():
         with pytest.raises(TypeError, match="dtype float16 not supported"):
             clients[0]._native.register_key(0, 99, "h", 10, ringcc._C.DataType.float16).wait()
         host, port = servers[0].address.rsplit(":", 1)
-        token = ringcc.ps._job_token(store, "ps/", 10)
+        secret = ringcc.ps._job_token(store, "ps/", 10)
         with socket.create_connection((host, int(port))) as raw:
-            raw.sendall(_hdr(1, sender=2, numel=3, payload=len(token)) + token.encode())
-            assert _recv_reply(raw)[0] == 16  # OK
+            assert raw_authenticate(raw, secret, 2, 3) == ((16, 0, b""), True)  # OK (sync), server proved itself
             raw.sendall(_hdr(4, sender=2, dtype=0, key=key, numel=100, payload=400) + b"\0" * 400)
             mtype, code, text = _recv_reply(raw)
             assert (mtype, code) == (18, 2) and b"dtype float16, expected float32" in text, text
             raw.sendall(_hdr(4, sender=2, key=key, numel=100, payload=1 << 40))  # over every bound
             mtype, code, text = _recv_reply(raw)
             assert mtype == 18 and b"payload of 1099511627776 bytes, expected 400" in text, text
-        # Wrong job token; a message before HELLO; garbage.
-        with pytest.raises(ringcc.PeerError, match="authentication failed: wrong job token"):
-            ps.Client(store, 2, 3, 1, token="not-the-token", timeout=10.0)
+        # Wrong job secret; a message before HELLO; garbage.
+        with pytest.raises(ringcc.PeerError, match="could not prove it knows the job secret"):
+            ps.Client(store, 2, 3, 1, token="0" * 64, timeout=10.0)
         with socket.create_connection((host, int(port))) as raw:
             raw.sendall(_hdr(5, key=key, numel=100))
             mtype, code, text = _recv_reply(raw)
@@ -292,7 +291,7 @@ def test_start_order_does_not_matter():
 def test_job_token_is_created_once():
     store = _store()
     tokens = {ps._job_token(store, "ps/", 10) for _ in range(3)}
-    assert len(tokens) == 1 and len(tokens.pop()) == 32
+    assert len(tokens) == 1 and len(tokens.pop()) == 64  # 32 random bytes as hex
     mem = MemoryStore()  # set/get only
     assert ps._job_token(mem, "ps/", 10) == ps._job_token(mem, "ps/", 10)
 

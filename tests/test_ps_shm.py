@@ -20,7 +20,7 @@ import pytest
 import torch.distributed as dist
 
 from ringcc import ps
-from ps_helpers import close_all as _close, make_clients as _clients, start_servers as _servers
+from ps_helpers import close_all as _close, make_clients as _clients, raw_authenticate, start_servers as _servers
 
 F32 = np.float32
 HDR = "<IHBBIBBHQQQQQQ"  # magic version type code sender dtype wire flags key numel payload round aux reserved
@@ -215,7 +215,7 @@ def test_sigkilled_worker_leaves_nothing_and_the_server_serves_its_successor():
 
 # --------------------------------------------------------------------------- raw peer
 def _hdr(mtype, *, sender=0, dtype=2, wire=0, flags=0, key=0, numel=0, payload=0, rnd=0, aux=0):
-    return struct.pack(HDR, 0x53504352, 2, mtype, 0, sender, dtype, wire, flags, key, numel, payload, rnd, aux, 0)
+    return struct.pack(HDR, 0x53504352, 3, mtype, 0, sender, dtype, wire, flags, key, numel, payload, rnd, aux, 0)
 
 
 def _reply(sock):
@@ -236,7 +236,7 @@ def test_shm_header_beyond_the_region_is_refused_and_the_server_keeps_serving():
     store = dist.HashStore()
     (server,) = _servers(store, 1, 2, mode="async", lr=1.0, staleness=1 << 40, host_id="raw-host")
     (good,) = [ps.Client(store, 0, 2, 1, timeout=30.0, host_id="raw-host")]
-    token = ps._job_token(store, "ps/", 10)
+    secret = ps._job_token(store, "ps/", 10)
     host, port = server.address.rsplit(":", 1)
     region = 4096
     unlinked = False
@@ -246,8 +246,7 @@ def test_shm_header_beyond_the_region_is_refused_and_the_server_keeps_serving():
         good.register("small", 100)
         big, small = ps.key_id("big", 0), ps.key_id("small", 0)
         with socket.create_connection((host, int(port))) as raw:
-            raw.sendall(_hdr(1, sender=1, numel=2, payload=len(token)) + token.encode())
-            assert _reply(raw)[0] == 16
+            assert raw_authenticate(raw, secret, 1, 2)[0][0] == 16
             # Flagged before any region is attached.
             raw.sendall(_hdr(4, sender=1, flags=1, key=small, numel=100, payload=400))
             mtype, code, _, text = _reply(raw)

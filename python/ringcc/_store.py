@@ -3,8 +3,12 @@ HashStore, PrefixStore) or any object with set(key, value) and get(key)."""
 
 from __future__ import annotations
 
+import secrets
 import time
-from typing import Any
+from typing import Any, Optional
+
+# Bytes of randomness in a job secret (it is stored and used as their hex text).
+SECRET_BYTES = 32
 
 
 class StoreClient:
@@ -41,3 +45,43 @@ class StoreClient:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
+
+
+def job_secret(store: Any, key: str, timeout: float, *, creator: Optional[bool] = None) -> str:
+    """The job's shared secret under `key`: SECRET_BYTES random bytes as hex, created
+    once by whichever party needs it first and read by all the others.
+
+    Connections prove they know it (HMAC challenge-response); it never crosses a socket,
+    so anyone who can read the store is, by design, inside the job.
+
+    torch Stores have compare_set: setting the key only where it is missing is atomic and
+    every caller gets back the one value that won. Stores with add() but no compare_set
+    elect a creator with a counter. A plain set/get store has neither: `creator` says
+    whether this caller makes the secret (True) or waits for it (False); when nobody is
+    designated (None) the check-then-set can race, acceptable only for in-process use."""
+    fresh = secrets.token_hex(SECRET_BYTES)
+    if hasattr(store, "compare_set"):
+        value = _text(store.compare_set(key, "", fresh))
+    elif hasattr(store, "add"):
+        if store.add(key + "/claim", 1) == 1:
+            store.set(key, fresh.encode())
+            return fresh
+        value = StoreClient(store, "", timeout).get(key)
+    elif creator:
+        store.set(key, fresh.encode())
+        return fresh
+    elif creator is False:
+        value = StoreClient(store, "", timeout).get(key)
+    else:
+        try:
+            value = store.get(key)
+        except KeyError:
+            value = None
+        if not value:
+            store.set(key, fresh.encode())
+            return fresh
+        value = _text(value)
+    if len(value) < 32:
+        raise ValueError(f"the job secret in the store under {key!r} is {len(value)} characters; expected at least "
+                         "32 (another program wrote that key?)")
+    return value

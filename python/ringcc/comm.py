@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import ipaddress
 import os
 import socket
 import weakref
@@ -12,7 +13,7 @@ from typing import Any, Optional, Sequence
 from . import _buffers
 from ._buffers import Buffer, as_buffer
 from ._native import _C
-from ._store import StoreClient
+from ._store import StoreClient, job_secret
 
 _C_OP = {
     "sum": _C.ReduceOp.sum,
@@ -65,6 +66,16 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"{name}={value!r} is not an integer") from None
 
 
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not a number") from None
+
+
 def _interface_address(ifname: str) -> str:
     import fcntl
     import struct
@@ -77,10 +88,29 @@ def _interface_address(ifname: str) -> str:
     return socket.inet_ntoa(packed[20:24])
 
 
+def _numeric_host(value: str, what: str) -> str:
+    """`value` if it is an IPv4/IPv6 address peers can dial, else a ValueError naming `what`."""
+    try:
+        addr = ipaddress.ip_address(value.strip("[]"))
+    except ValueError:
+        raise ValueError(f"{what}={value!r} is not a numeric IPv4 or IPv6 address "
+                         "(use RINGCC_SOCKET_IFNAME to pick an interface by name)") from None
+    if addr.is_unspecified:
+        raise ValueError(f"{what}={value!r} is the wildcard address, which peers cannot dial; "
+                         "give the address of one interface")
+    return str(addr)
+
+
 def _listen_address(store: Any, explicit: Optional[str]) -> str:
-    """The address peers on other hosts should dial to reach this process."""
+    """The address to listen on, which peers on other hosts dial to reach this process:
+    `explicit` (listen_address=), else RINGCC_LISTEN_HOST, else the address of the
+    interface RINGCC_SOCKET_IFNAME, else the local address of the route to the store's
+    host, else the host name's address."""
     if explicit:
-        return explicit
+        return _numeric_host(explicit, "listen_address")
+    host = os.environ.get("RINGCC_LISTEN_HOST")
+    if host:
+        return _numeric_host(host, "RINGCC_LISTEN_HOST")
     ifname = os.environ.get("RINGCC_SOCKET_IFNAME")
     if ifname:
         return _interface_address(ifname)
@@ -180,6 +210,13 @@ class Communicator:
     All ranks create their Communicator with the same ``store`` contents and ``name``;
     creation blocks until every rank has joined. Operations run in the order each rank
     issues them, on a native progress thread, with the GIL released.
+
+    Every TCP connection between ranks proves, both ways, that it knows a secret the
+    communicator keeps in the store (an HMAC over fresh challenges); others are logged
+    and dropped. ``handshake_timeout`` (default RINGCC_HANDSHAKE_TIMEOUT or 10 s) bounds
+    how long an accepted connection may take to prove it. ``listen_address`` (default
+    RINGCC_LISTEN_HOST, else RINGCC_SOCKET_IFNAME's address, else the route to the
+    store's host) is the numeric IP this rank listens on and peers dial.
     """
 
     def __init__(
@@ -199,6 +236,7 @@ class Communicator:
         tcp_streams: Optional[int] = None,
         spin_us: Optional[float] = None,
         host_id: Optional[str] = None,
+        handshake_timeout: Optional[float] = None,
     ):
         if not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be a positive int, got {world_size!r}")
@@ -230,15 +268,20 @@ class Communicator:
             else _env_int("RINGCC_SMALL_MESSAGE_BYTES", 64 << 10),
             algorithm=_ALGORITHMS[algorithm],
             host_id=host_id or os.environ.get("RINGCC_HOST_ID", ""),
+            handshake_timeout=_seconds(handshake_timeout if handshake_timeout is not None else
+                                       _env_float("RINGCC_HANDSHAKE_TIMEOUT", 10.0), "handshake_timeout"),
         )
         # Re-creating a communicator under the same name (after an abort, say) must not
         # read the previous one's records: stores with add() (all of torch's) count each
         # rank's joins, and ranks that re-create in step agree on the generation.
         generation = store.add(f"ringcc/{name}/joins/{rank}", 1) if hasattr(store, "add") else 1
-        client = StoreClient(store, f"ringcc/{name}/{generation}/", self.timeout)
+        prefix = f"ringcc/{name}/{generation}/"
+        client = StoreClient(store, prefix, self.timeout)
+        # Every TCP connection proves it knows this secret; a fresh one per communicator.
+        secret = job_secret(store, prefix + "secret", self.timeout, creator=rank == 0) if world_size > 1 else ""
         client.set(f"info/{rank}", self._native.local_info())
         infos = [client.get(f"info/{r}") for r in range(world_size)]
-        self._native.connect(_test_unreachable(infos, rank))
+        self._native.connect(_test_unreachable(infos, rank), secret)
         _live.add(self)
 
     # ------------------------------------------------------------------ helpers

@@ -11,8 +11,9 @@ key_id("name#i") % num_servers (a blake2b digest), so every worker places it the
 
 Rendezvous goes through the job's store (any torch Store, or an object with set/get):
 server i publishes its address under "ps/server/{i}", and clients wait for those keys,
-so servers and workers may start in any order. The job token that every connection must
-present lives under "ps/token"; whoever needs it first creates it (see _job_token).
+so servers and workers may start in any order. Every connection proves, both ways, that
+it knows the job secret under "ps/secret" (an HMAC over fresh challenges; the secret never
+crosses the socket); whoever needs it first creates it (see _store.job_secret).
 
 A worker on the same host as a server (equal host ids, as the collectives decide it;
 RINGCC_HOST_ID overrides) moves payloads through a per-connection shared-memory object
@@ -27,7 +28,6 @@ import atexit
 import hashlib
 import json
 import os
-import secrets
 import sys
 import time
 import weakref
@@ -38,8 +38,8 @@ import numpy as np
 from . import _files
 from ._buffers import as_buffer
 from ._native import _C
-from ._store import StoreClient, _text
-from .comm import _listen_address, _seconds
+from ._store import StoreClient, job_secret
+from .comm import _env_float, _listen_address, _seconds
 
 SHARD_ELEMENTS = 1 << 20  # float32 values per key: 4 MB
 DEFAULT_PREFIX = "ps/"
@@ -66,29 +66,9 @@ def _close_all() -> None:
 
 
 def _job_token(store: Any, prefix: str, timeout: float) -> str:
-    """The job's token, created by the first party (server or worker) that needs it.
-
-    torch Stores have compare_set: setting the key only where it is missing is atomic,
-    and every caller gets back the one value that won. Stores with add() but no
-    compare_set elect a creator with a counter. A plain set/get store has neither, so
-    there the check-then-set can race; such stores serve single-process jobs and tests."""
-    key = prefix + "token"
-    fresh = secrets.token_hex(16)
-    if hasattr(store, "compare_set"):
-        return _text(store.compare_set(key, "", fresh))
-    if hasattr(store, "add"):
-        if store.add(prefix + "token/claim", 1) == 1:
-            store.set(key, fresh.encode())
-            return fresh
-        return StoreClient(store, "", timeout).get(key)
-    try:
-        value = store.get(key)
-    except KeyError:
-        value = None
-    if value:
-        return _text(value)
-    store.set(key, fresh.encode())
-    return fresh
+    """The job secret of the servers under `prefix` (key "{prefix}secret"), created by
+    the first party (server or worker) that needs it; see _store.job_secret."""
+    return job_secret(store, prefix + "secret", timeout)
 
 
 def shard_name(name: str, shard: int) -> str:
@@ -163,8 +143,12 @@ class Server:
     to each push as it arrives, replying with the fresh parameters; a push computed from
     a version more than `staleness` updates old is refused with ringcc.ps.StaleError.
     `timeout`: how long a started sync round waits for the missing workers before every
-    waiter gets a TimeoutError naming them. `transport`: "auto" (default, or
-    RINGCC_PS_TRANSPORT) lets workers on this host (`host_id`, default RINGCC_HOST_ID or
+    waiter gets a TimeoutError naming them. Every connection must prove it knows the
+    job secret (see Client) within `handshake_timeout` seconds (default
+    RINGCC_HANDSHAKE_TIMEOUT or 10); others get an ERROR, are logged on stderr and
+    closed while the server goes on. `listen_host`: the numeric IP to listen on (default
+    as the Communicator: RINGCC_LISTEN_HOST, RINGCC_SOCKET_IFNAME, ...). `transport`:
+    "auto" (default, or RINGCC_PS_TRANSPORT) lets workers on this host (`host_id`, default RINGCC_HOST_ID or
     detected) send payloads through shared memory; "tcp" refuses that.
 
     save(path) checkpoints every key (values, versions, async momentum) atomically;
@@ -179,7 +163,7 @@ class Server:
                  listen_host: Optional[str] = None, timeout: float = 300.0, prefix: str = DEFAULT_PREFIX,
                  restore: Optional[str] = None, keys: Optional[Mapping[str, int]] = None,
                  shard_elements: int = SHARD_ELEMENTS, transport: Optional[str] = None,
-                 host_id: Optional[str] = None):
+                 host_id: Optional[str] = None, handshake_timeout: Optional[float] = None):
         if not isinstance(num_servers, int) or num_servers < 1:
             raise ValueError(f"num_servers must be a positive int, got {num_servers!r}")
         if not isinstance(index, int) or not 0 <= index < num_servers:
@@ -200,7 +184,10 @@ class Server:
         self._listen_host = listen_host
         self._opts = dict(lr=float(lr), momentum=float(momentum), weight_decay=float(weight_decay),
                           staleness=staleness)
-        self._link = dict(transport=_transport(transport), host_id=host_id or os.environ.get("RINGCC_HOST_ID", ""))
+        self._link = dict(transport=_transport(transport), host_id=host_id or os.environ.get("RINGCC_HOST_ID", ""),
+                          handshake_timeout=_seconds(handshake_timeout if handshake_timeout is not None else
+                                                     _env_float("RINGCC_HANDSHAKE_TIMEOUT", 10.0),
+                                                     "handshake_timeout"))
         self._native = None
         self._restored = None
         if restore is not None:
@@ -260,8 +247,8 @@ class Server:
         if self._native is not None:
             raise RuntimeError("Server.start() called twice")
         host = self._listen_host if self._listen_host is not None else _listen_address(self.store, None)
-        token = _job_token(self.store, self._prefix, self.timeout)
-        native = _C.PsServer(host, self.num_workers, _MODES[self.mode], token, self.timeout, **self._opts,
+        secret = _job_token(self.store, self._prefix, self.timeout)
+        native = _C.PsServer(host, self.num_workers, _MODES[self.mode], secret, self.timeout, **self._opts,
                              **self._link)
         if self._restored is not None:
             native.restore(self._restored)
@@ -337,8 +324,9 @@ class Client:
     """One worker's connections to every parameter server.
 
     Waits in the store for each server's address (start order does not matter), then
-    connects and authenticates with the job token. `shard_elements` must be the same on
-    every worker. `token` overrides the store's job token (for tools and tests).
+    connects, and client and server prove to each other that they know the job secret.
+    `shard_elements` must be the same on every worker. `token` overrides the store's job
+    secret (for tools and tests).
 
     A server on the same host (equal `host_id`, default RINGCC_HOST_ID or detected) gets
     a shared-memory object of 2 x `shm_bytes` (default 4 MiB + 4 KiB: one default shard)

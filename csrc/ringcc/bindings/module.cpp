@@ -21,6 +21,7 @@ using namespace ringcc;
 
 void bind_ps(py::module_& m);  // ps_bindings.cpp
 void bind_cuda(py::module_& m);  // cuda_bindings.cpp
+void bind_auth(py::module_& m);  // auth_bindings.cpp
 
 namespace {
 
@@ -243,9 +244,10 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init([](int rank, int size, const std::string& transport, const std::string& listen_host,
                        size_t shm_ring_bytes, int tcp_streams, size_t tcp_stripe_bytes, double timeout,
                        double spin_seconds, size_t segment_bytes, size_t small_message_bytes,
-                       Algorithm algorithm, const std::string& host_id) {
+                       Algorithm algorithm, const std::string& host_id, double handshake_timeout) {
              CommOptions o;
              o.mesh.host_id = host_id;
+             o.mesh.handshake_timeout = handshake_timeout;
              o.mesh.transport = transport;
              o.mesh.listen_host = listen_host;
              o.mesh.shm_ring_bytes = shm_ring_bytes;
@@ -261,11 +263,12 @@ PYBIND11_MODULE(_C, m) {
            py::arg("rank"), py::arg("size"), py::arg("transport"), py::arg("listen_host"),
            py::arg("shm_ring_bytes"), py::arg("tcp_streams"), py::arg("tcp_stripe_bytes"), py::arg("timeout"),
            py::arg("spin_seconds"), py::arg("segment_bytes"), py::arg("small_message_bytes"),
-           py::arg("algorithm"), py::arg("host_id") = "")
+           py::arg("algorithm"), py::arg("host_id") = "", py::arg("handshake_timeout") = 10.0)
       .def_property_readonly("rank", &Communicator::rank)
       .def_property_readonly("size", &Communicator::size)
       .def("local_info", &Communicator::local_info)
-      .def("connect", &Communicator::connect, py::call_guard<py::gil_scoped_release>())
+      .def("connect", &Communicator::connect, py::arg("infos"), py::arg("secret"),
+           py::call_guard<py::gil_scoped_release>())
       .def("link_kind", &Communicator::link_kind)
       // submit: queue for the progress thread. run: the same for a caller about to
       // wait, executed inline (without the GIL) when the communicator is idle.
@@ -335,4 +338,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("_simd_level", []() { return std::string(kernels::simd_level_name(kernels::simd_level())); });
   bind_ps(m);
   bind_cuda(m);
+  bind_auth(m);
 }

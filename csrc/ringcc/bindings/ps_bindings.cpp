@@ -54,14 +54,15 @@ void bind_ps(py::module_& m) {
   py::enum_<ps::Mode>(m, "PsMode").value("sync", ps::Mode::kSync).value("async_", ps::Mode::kAsync);
 
   py::class_<ps::Server>(m, "PsServer")
-      .def(py::init([](const std::string& listen_host, int num_workers, ps::Mode mode, const std::string& token,
+      .def(py::init([](const std::string& listen_host, int num_workers, ps::Mode mode, const std::string& secret,
                        double timeout, float lr, float momentum, float weight_decay, uint64_t staleness,
-                       const std::string& transport, const std::string& host_id) {
+                       const std::string& transport, const std::string& host_id, double handshake_timeout) {
              ps::ServerOptions o;
              o.listen_host = listen_host;
              o.num_workers = num_workers;
              o.mode = mode;
-             o.token = token;
+             o.secret = secret;
+             o.handshake_timeout = handshake_timeout;
              o.timeout = timeout;
              o.lr = lr;
              o.momentum = momentum;
@@ -71,9 +72,9 @@ void bind_ps(py::module_& m) {
              o.host_id = host_id;
              return std::make_unique<ps::Server>(std::move(o));
            }),
-           py::arg("listen_host"), py::arg("num_workers"), py::arg("mode"), py::arg("token"), py::arg("timeout"),
+           py::arg("listen_host"), py::arg("num_workers"), py::arg("mode"), py::arg("secret"), py::arg("timeout"),
            py::arg("lr"), py::arg("momentum"), py::arg("weight_decay"), py::arg("staleness"),
-           py::arg("transport") = "auto", py::arg("host_id") = "")
+           py::arg("transport") = "auto", py::arg("host_id") = "", py::arg("handshake_timeout") = 10.0)
       .def("start", &ps::Server::start, gil_free())
       .def("stop", &ps::Server::stop, gil_free())
       .def("wait", &ps::Server::wait, py::arg("timeout") = -1.0, gil_free())
@@ -118,7 +119,7 @@ void bind_ps(py::module_& m) {
       .def("done", &ps::Handle::done);
 
   py::class_<ps::Client>(m, "PsClient")
-      .def(py::init([](int rank, int num_workers, const std::string& token, std::vector<std::string> servers,
+      .def(py::init([](int rank, int num_workers, const std::string& secret, std::vector<std::string> servers,
                        double timeout, const std::string& transport, const std::string& host_id,
                        uint64_t shm_region_bytes) {
              ps::ClientOptions o;
@@ -127,13 +128,13 @@ void bind_ps(py::module_& m) {
              if (shm_region_bytes) o.shm_region_bytes = shm_region_bytes;
              o.rank = rank;
              o.num_workers = num_workers;
-             o.token = token;
+             o.secret = secret;
              o.servers = std::move(servers);
              o.timeout = timeout;
              py::gil_scoped_release nogil;  // connecting blocks until every server answers
              return std::make_unique<ps::Client>(std::move(o));
            }),
-           py::arg("rank"), py::arg("num_workers"), py::arg("token"), py::arg("servers"), py::arg("timeout"),
+           py::arg("rank"), py::arg("num_workers"), py::arg("secret"), py::arg("servers"), py::arg("timeout"),
            py::arg("transport") = "auto", py::arg("host_id") = "", py::arg("shm_region_bytes") = 0)
       .def_property_readonly("num_servers", &ps::Client::num_servers)
       // {"transport": "shm" | "tcp", "shm_payloads": n, "tcp_payloads": n} of one connection.

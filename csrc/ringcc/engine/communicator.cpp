@@ -79,13 +79,13 @@ Communicator::~Communicator() {
   }
 }
 
-void Communicator::connect(const std::vector<std::string>& infos) {
+void Communicator::connect(const std::vector<std::string>& infos, const std::string& secret) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     RINGCC_CHECK_ARG(!connected_, "communicator is already connected");
   }
   Deadline deadline = Deadline::after(options_.timeout_seconds);
-  mesh_.connect(infos, deadline);
+  mesh_.connect(infos, secret, deadline);
   // Nobody may remove its shared-memory name before every peer has mapped it.
   OpHeader setup;
   setup.kind = Collective::kConnect;

@@ -43,8 +43,9 @@ class Communicator {
   int size() const { return size_; }
   const CommOptions& options() const { return options_; }
   std::string local_info() const { return mesh_.local_info(); }
-  // Connects to every peer, runs the setup barrier and starts the progress thread.
-  void connect(const std::vector<std::string>& infos);
+  // Connects to every peer (proving knowledge of the job `secret` on every TCP
+  // connection), runs the setup barrier and starts the progress thread.
+  void connect(const std::vector<std::string>& infos, const std::string& secret);
   std::string link_kind(int peer) const { return mesh_.link_kind(peer); }
 
   // Validates `d` (throws std::invalid_argument / DtypeError at once, nothing queued)

@@ -25,6 +25,12 @@ struct MeshOptions {
   size_t tcp_stripe_bytes = 256 << 10;
   // Overrides host detection (ranks with equal ids use shared memory); empty = detect.
   std::string host_id;
+  // The job's shared secret (given to connect()): every TCP connection proves it
+  // knows it with an HMAC over fresh challenges; it never travels itself.
+  std::string secret;
+  // Seconds an accepted connection may take to complete its handshake before it is
+  // dropped as a stray (it never holds up the others: all are handled at once).
+  double handshake_timeout = 10.0;
 };
 
 class Mesh {
@@ -35,8 +41,9 @@ class Mesh {
 
   // Everything a peer needs to reach this rank, as one line of text for the store.
   std::string local_info() const;
-  // Connects to every peer from their local_info() lines (index = rank).
-  void connect(const std::vector<std::string>& infos, const Deadline& deadline);
+  // Connects to every peer from their local_info() lines (index = rank); every TCP
+  // connection proves, both ways, that its ends know `secret` (the job's, 16..1024 bytes).
+  void connect(const std::vector<std::string>& infos, const std::string& secret, const Deadline& deadline);
   // Called once every rank has connected (after the setup barrier): removes the
   // shared-memory name and closes the listener.
   void finish_setup();

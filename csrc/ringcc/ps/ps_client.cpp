@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "ringcc/common/clock.h"
+#include "ringcc/common/hmac.h"
 #include "ringcc/engine/mesh.h"
 #include "ringcc/kernels/cpu/compress.h"
 #include "ringcc/transport/tcp/socket.h"
@@ -65,7 +66,9 @@ Client::Client(ClientOptions opts) : opts_(std::move(opts)) {
                    "ps client: rank ", opts_.rank, " out of range for ", opts_.num_workers, " workers");
   RINGCC_CHECK_ARG(!opts_.servers.empty(), "ps client: no server addresses");
   RINGCC_CHECK_ARG(opts_.timeout > 0, "ps client: timeout must be positive");
-  RINGCC_CHECK_ARG(opts_.token.size() <= kMaxTokenBytes, "ps client: job token longer than ", kMaxTokenBytes);
+  RINGCC_CHECK_ARG(opts_.secret.size() >= kMinSecretBytes && opts_.secret.size() <= kMaxSecretBytes,
+                   "ps client: the job secret must be ", kMinSecretBytes, "..", kMaxSecretBytes, " bytes, got ",
+                   opts_.secret.size());
   RINGCC_CHECK_ARG(opts_.transport == "auto" || opts_.transport == "tcp", "ps client: transport must be 'auto' or "
                    "'tcp', got '", opts_.transport, "'");
   RINGCC_CHECK_ARG(opts_.shm_region_bytes >= kMinShmRegionBytes && opts_.shm_region_bytes <= kMaxShmRegionBytes,
@@ -210,7 +213,58 @@ void Client::run(Link& l) {
   }
 }
 
-// After HELLO: if the server is on this host, give it a shared-memory object for the
+// HELLO (our challenge) -> CHALLENGE (the server's challenge and proof) -> AUTH (our
+// proof) -> OK (the mode). The server proves itself first, so a process of another job
+// at a stale address learns nothing from this worker but a random challenge.
+void Client::authenticate(Link& l, const Deadline& deadline, const std::string& where) {
+  auto reply = [&](MsgType request, MsgType want, uint64_t want_bytes) {
+    Header rep;
+    tcp::recv_all(l.fd, &rep, sizeof(rep), deadline, "waiting for a ps reply");
+    std::string bad = check_frame(rep);
+    if (bad.empty() && rep.type == MsgType::kError) {
+      if (rep.payload_bytes > kMaxErrorText || rep.flags != 0) {
+        bad = "malformed ERROR reply";
+      } else {
+        std::string text(rep.payload_bytes, '\0');
+        if (!text.empty()) tcp::recv_all(l.fd, text.data(), text.size(), deadline, "reading a ps error");
+        raise_server_error(where, static_cast<ErrorCode>(rep.code), text);  // the server hangs up
+      }
+    } else if (bad.empty() && (rep.type != want || rep.payload_bytes != want_bytes || rep.flags != 0)) {
+      bad = detail::concat("unexpected ", msg_name(rep.type), " reply of ", rep.payload_bytes, " bytes to ",
+                           msg_name(request));
+    }
+    if (!bad.empty()) RINGCC_THROW(PeerError, where, ": protocol error in the reply: ", bad);
+    return rep;
+  };
+  const uint32_t rank = static_cast<uint32_t>(opts_.rank);
+  const uint64_t workers = static_cast<uint64_t>(opts_.num_workers);
+  uint8_t mine[kChallengeBytes];
+  auth::secure_random(mine, sizeof(mine));
+  Header h;
+  h.type = MsgType::kHello;
+  h.sender = rank;
+  h.numel = workers;
+  h.payload_bytes = sizeof(mine);
+  tcp::send_all(l.fd, &h, sizeof(h), deadline, "sending HELLO");
+  tcp::send_all(l.fd, mine, sizeof(mine), deadline, "sending HELLO");
+  reply(MsgType::kHello, MsgType::kChallenge, kChallengeBytes + auth::kDigestBytes);
+  uint8_t body[kChallengeBytes + auth::kDigestBytes];
+  tcp::recv_all(l.fd, body, sizeof(body), deadline, "reading the server's challenge");
+  auth::Digest want = handshake_proof(opts_.secret, 'S', rank, workers, mine, body);
+  if (!auth::constant_time_equal(want.data(), body + kChallengeBytes, want.size()))
+    RINGCC_THROW(PeerError, where, " could not prove it knows the job secret (a server of another job at that "
+                 "address?)");
+  auth::Digest proof = handshake_proof(opts_.secret, 'C', rank, workers, mine, body);
+  h = Header();
+  h.type = MsgType::kAuth;
+  h.sender = rank;
+  h.payload_bytes = proof.size();
+  tcp::send_all(l.fd, &h, sizeof(h), deadline, "sending AUTH");
+  tcp::send_all(l.fd, proof.data(), proof.size(), deadline, "sending AUTH");
+  l.mode = static_cast<Mode>(reply(MsgType::kAuth, MsgType::kOk, 0).code);
+}
+
+// After authenticating: if the server is on this host, give it a shared-memory object for the
 // payloads of this connection. A refusal or local failure is not an error: the
 // connection keeps using TCP, and says so once. Socket failures propagate.
 void Client::attach_shm(Link& l, const Deadline& deadline, const std::string& where) {
@@ -298,6 +352,11 @@ void Client::execute(Link& l, Request& r) {
       l.fd = fd;
       if (l.closing) ::shutdown(fd, SHUT_RDWR);
     });
+    io([&] {
+      authenticate(l, deadline, where);
+      if (opts_.transport != "tcp") attach_shm(l, deadline, where);
+    });
+    return;
   }
   RINGCC_CHECK_ARG(l.fd >= 0, where, ": not connected");
 
@@ -305,7 +364,7 @@ void Client::execute(Link& l, Request& r) {
   h.type = r.type;
   h.sender = static_cast<uint32_t>(opts_.rank);
   h.key = r.key;
-  h.numel = r.type == MsgType::kHello ? static_cast<uint64_t>(opts_.num_workers) : r.numel;
+  h.numel = r.numel;
   h.dtype = r.dtype;
   h.wire = r.wire;
   auto it = l.seen.find(r.key);
@@ -317,10 +376,6 @@ void Client::execute(Link& l, Request& r) {
       wire_bytes(r.numel, r.type == MsgType::kInit ? Compression::kNone : r.wire) <= l.shm_region)
     region = l.shm.data();
   switch (r.type) {
-    case MsgType::kHello:
-      payload = opts_.token.data();
-      h.payload_bytes = opts_.token.size();
-      break;
     case MsgType::kRegister:
       payload = r.name.data();
       h.payload_bytes = r.name.size();
@@ -391,10 +446,7 @@ void Client::execute(Link& l, Request& r) {
         RINGCC_THROW(PeerError, where, ": ", msg_name(r.type), " got a ", msg_name(rep.type), " reply of ",
                      rep.payload_bytes, " bytes");
     });
-    if (r.type == MsgType::kHello) {
-      l.mode = static_cast<Mode>(rep.code);
-      if (opts_.transport != "tcp") io([&] { attach_shm(l, deadline, where); });
-    } else if (r.type != MsgType::kShutdown) {
+    if (r.type != MsgType::kShutdown) {
       l.seen[r.key] = rep.round;
     }
     return;

@@ -49,7 +49,7 @@ class Handle {
 struct ClientOptions {
   int rank = 0;
   int num_workers = 1;
-  std::string token;
+  std::string secret;                // the job secret both ends prove they know
   std::vector<std::string> servers;  // "host:port" of server i
   double timeout = 300.0;            // per request: connect, send and reply
   // "auto": shared memory for payloads to servers on this host; "tcp": never.
@@ -131,6 +131,8 @@ class Client {
   void run(Link& l);
   void execute(Link& l, Request& r);
   void attach_shm(Link& l, const Deadline& deadline, const std::string& where);
+  // The HELLO / CHALLENGE / AUTH exchange on a fresh connection; sets l.mode.
+  void authenticate(Link& l, const Deadline& deadline, const std::string& where);
 
   ClientOptions opts_;
   std::string host_key_;

@@ -14,6 +14,8 @@ const char* msg_name(MsgType t) {
     case MsgType::kShutdown: return "SHUTDOWN";
     case MsgType::kShmProbe: return "SHM_PROBE";
     case MsgType::kShmAttach: return "SHM_ATTACH";
+    case MsgType::kAuth: return "AUTH";
+    case MsgType::kChallenge: return "CHALLENGE";
     case MsgType::kOk: return "OK";
     case MsgType::kData: return "DATA";
     case MsgType::kError: return "ERROR";
@@ -32,7 +34,7 @@ std::string check_frame(const Header& h) {
   switch (h.type) {
     case MsgType::kHello: case MsgType::kRegister: case MsgType::kInit: case MsgType::kPushPull:
     case MsgType::kPull: case MsgType::kShutdown: case MsgType::kShmProbe: case MsgType::kShmAttach:
-    case MsgType::kOk: case MsgType::kData: case MsgType::kError:
+    case MsgType::kAuth: case MsgType::kOk: case MsgType::kData: case MsgType::kError: case MsgType::kChallenge:
       break;
     default:
       return detail::concat("unknown message type ", int(h.type));
@@ -42,6 +44,17 @@ std::string check_frame(const Header& h) {
   if (h.flags & ~kFlagShmPayload) return detail::concat("unknown header flags 0x", std::hex, h.flags);
   if (static_cast<int>(h.dtype) >= kNumDataTypes) return detail::concat("unknown dtype code ", int(h.dtype));
   return "";
+}
+
+auth::Digest handshake_proof(const std::string& secret, char role, uint32_t rank, uint64_t num_workers,
+                             const uint8_t* client_challenge, const uint8_t* server_challenge) {
+  std::string m(kPsAuthContext, sizeof(kPsAuthContext) - 1);
+  m.push_back(role);
+  for (int i = 0; i < 4; ++i) m.push_back(static_cast<char>(rank >> (8 * i)));
+  for (int i = 0; i < 8; ++i) m.push_back(static_cast<char>(num_workers >> (8 * i)));
+  m.append(reinterpret_cast<const char*>(client_challenge), kChallengeBytes);
+  m.append(reinterpret_cast<const char*>(server_challenge), kChallengeBytes);
+  return auth::hmac_sha256(secret.data(), secret.size(), m.data(), m.size());
 }
 
 }  // namespace ringcc::ps

@@ -8,6 +8,14 @@
 // names the key and the expected and received values; its payload is read and dropped,
 // so the connection stays usable.
 //
+// Authentication: a connection starts with HELLO (the worker's fresh random challenge).
+// The server answers CHALLENGE: its own fresh challenge and its proof; the worker checks
+// the proof and sends AUTH with its own; the server answers OK (or ERROR kAuth and hangs
+// up). proof = HMAC-SHA256(job secret, kPsAuthContext || role || rank || num_workers ||
+// worker challenge || server challenge), role 'S' or 'C', rank and num_workers as the
+// HELLO states them (little endian u32, u64). The secret itself never crosses the socket,
+// and a recorded handshake proves nothing against a new challenge.
+//
 // Same-host connections may move payloads through a shared-memory object instead (see
 // kShmProbe/kShmAttach): the header still travels on the socket and carries
 // kFlagShmPayload; the payload sits at the start of the request region (client to
@@ -20,13 +28,14 @@
 #include <string>
 
 #include "ringcc/common/dtype.h"
+#include "ringcc/common/hmac.h"
 #include "ringcc/engine/protocol.h"
 #include "ringcc/kernels/cpu/compress.h"
 
 namespace ringcc::ps {
 
 enum class MsgType : uint8_t {
-  kHello = 1,     // sender = rank, numel = num_workers, payload = job token
+  kHello = 1,     // sender = rank, numel = num_workers, payload = worker challenge
   kRegister = 2,  // key, numel, dtype; payload = key name (for messages)
   kInit = 3,      // key, numel; payload = fp32 values
   kPushPull = 4,  // key, numel, wire, round/version; payload = gradient (wire format)
@@ -34,9 +43,11 @@ enum class MsgType : uint8_t {
   kShutdown = 6,  // this worker is done with the server
   kShmProbe = 7,  // payload = the worker's host identity; OK code 1 = same host, shm allowed
   kShmAttach = 8, // payload = shm object name, aux = bytes per region; OK = mapped
+  kAuth = 9,      // payload = the worker's proof; OK code = mode
   kOk = 16,       // reply: round = key version (REGISTER/INIT), code = mode (HELLO)
   kData = 17,     // reply: key, numel, wire, round = version; payload = values
   kError = 18,    // reply: code = ErrorCode, payload = readable text
+  kChallenge = 19,  // reply to HELLO: payload = server challenge || server proof
 };
 const char* msg_name(MsgType t);
 
@@ -49,16 +60,19 @@ enum class ErrorCode : uint8_t {
   kBadRequest = 1,  // wrong size / count / wire, inconsistent REGISTER, out-of-step round
   kBadDtype = 2,    // dtype differs from the key's
   kUnknownKey = 3,  // key never registered on this server
-  kAuth = 4,        // missing or wrong job token, or a message before HELLO
+  kAuth = 4,        // failed or missing proof of the job secret, or a message before it
   kStale = 5,       // async push lags the key by more than the staleness bound
   kTimeout = 6,     // a sync round did not complete in time (names the missing workers)
   kProtocol = 7,    // bad magic / version / type: the connection is closed
 };
 
 constexpr uint32_t kPsMagic = 0x53504352;  // "RCPS"
-constexpr uint16_t kPsProtocolVersion = 2;  // 2: flags, shared-memory payloads
+constexpr uint16_t kPsProtocolVersion = 3;  // 2: flags, shared-memory payloads; 3: HMAC handshake
 constexpr size_t kPsHeaderBytes = 64;
-constexpr size_t kMaxTokenBytes = 256;
+constexpr size_t kMinSecretBytes = 16;
+constexpr size_t kMaxSecretBytes = 1024;
+constexpr size_t kChallengeBytes = 32;
+constexpr char kPsAuthContext[] = "ringcc-ps-auth-v1";
 constexpr size_t kMaxNameBytes = 256;
 constexpr size_t kMaxErrorText = 4096;
 // One key holds at most 2^28 fp32 values (1 GiB); clients shard far below this.
@@ -102,5 +116,9 @@ inline uint64_t wire_bytes(uint64_t numel, Compression wire) {
 
 // "" when the fixed part (magic, version, known type) is sound, else why not.
 std::string check_frame(const Header& h);
+
+// The handshake proof of `role` ('S' server, 'C' client); see "Authentication" above.
+auth::Digest handshake_proof(const std::string& secret, char role, uint32_t rank, uint64_t num_workers,
+                             const uint8_t* client_challenge, const uint8_t* server_challenge);
 
 }  // namespace ringcc::ps

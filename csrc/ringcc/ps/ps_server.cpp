@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cstdio>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -19,6 +20,7 @@
 
 #include "ringcc/common/clock.h"
 #include "ringcc/common/error.h"
+#include "ringcc/common/hmac.h"
 #include "ringcc/engine/mesh.h"
 #include "ringcc/kernels/cpu/compress.h"
 #include "ringcc/kernels/cpu/kernels.h"
@@ -40,7 +42,15 @@ struct Conn {
   uint64_t id = 0;
   int fd = -1;
   int rank = -1;
+  std::string addr;  // the peer's, for log lines
+  // Handshake: HELLO brings the worker's challenge and claims; AUTH its proof.
   bool authed = false;
+  bool challenged = false;
+  uint32_t claimed_rank = 0;
+  uint64_t claimed_workers = 0;
+  uint8_t client_challenge[kChallengeBytes] = {};
+  uint8_t server_challenge[kChallengeBytes] = {};
+  Clock::time_point auth_deadline;  // unauthenticated connections are dropped after it
   bool close_after_flush = false;  // refused peer: say why, then hang up
   bool dead = false;
   // Reading: a header, then its body (or bytes to drop after a refused request).
@@ -109,6 +119,7 @@ struct Server::Impl {
 
   const ServerOptions& o;
   const std::string host_key;
+  std::string address;  // where it listens, for log lines
   std::unique_ptr<transport::tcp::Listener> listener;
   int wake[2] = {-1, -1};
   std::atomic<bool> stop_requested{false};
@@ -236,12 +247,21 @@ struct Server::Impl {
     };
     if (h.type == MsgType::kHello) {
       if (c.authed) return fail(ErrorCode::kBadRequest, "this connection already said HELLO");
-      if (h.payload_bytes > kMaxTokenBytes)
-        return fail(ErrorCode::kAuth, "job token of ", h.payload_bytes, " bytes (at most ", kMaxTokenBytes, ")");
+      if (c.challenged) return fail(ErrorCode::kAuth, "HELLO twice");
+      if (h.payload_bytes != kChallengeBytes)
+        return fail(ErrorCode::kAuth, "challenge of ", h.payload_bytes, " bytes, expected ", kChallengeBytes);
+      return false;
+    }
+    if (h.type == MsgType::kAuth) {
+      if (c.authed) return fail(ErrorCode::kBadRequest, "this connection is already authenticated");
+      if (!c.challenged) return fail(ErrorCode::kAuth, "AUTH before HELLO");
+      if (h.payload_bytes != auth::kDigestBytes)
+        return fail(ErrorCode::kAuth, "proof of ", h.payload_bytes, " bytes, expected ", auth::kDigestBytes);
       return false;
     }
     if (!c.authed)
-      return fail(ErrorCode::kAuth, "not authenticated: the first message must be HELLO with the job token");
+      return fail(ErrorCode::kAuth, "not authenticated: the first messages must be HELLO and AUTH (the proof "
+                  "of the job secret)");
     if (in_shm(h) && h.type != MsgType::kInit && h.type != MsgType::kPushPull)
       return fail(ErrorCode::kBadRequest, "only INIT and PUSH_PULL payloads may travel in shared memory");
     if (in_shm(h) && !c.shm)
@@ -315,12 +335,14 @@ struct Server::Impl {
     const Header& h = c.hdr;
     std::string bad = check_frame(h);
     if (!bad.empty()) {
+      if (!c.authed) log_reject(c, "protocol error: " + bad);
       send_error(c, h.key, ErrorCode::kProtocol, "protocol error: " + bad);
       c.close_after_flush = true;
       return;
     }
     Refusal r;
     if (refuse_header(c, h, &r)) {
+      if (r.code == ErrorCode::kAuth || (r.code == ErrorCode::kProtocol && !c.authed)) log_reject(c, r.text);
       send_error(c, h.key, r.code, r.text);
       if (in_shm(h)) return;  // nothing follows on the socket
       if (r.code == ErrorCode::kAuth || r.code == ErrorCode::kProtocol || h.payload_bytes > kMaxDiscardBytes) {
@@ -348,6 +370,7 @@ struct Server::Impl {
     const Header& h = c.hdr;
     switch (h.type) {
       case MsgType::kHello: return on_hello(c, h);
+      case MsgType::kAuth: return on_auth(c, h);
       case MsgType::kRegister: return on_register(c, h);
       case MsgType::kShmProbe: {
         // Shared memory only where both sides name the same host and neither opted out.
@@ -380,31 +403,56 @@ struct Server::Impl {
     }
   }
 
+  void log_reject(const Conn& c, const std::string& why) const {
+    // The secret never appears here: the address, and what was wrong.
+    std::fprintf(stderr, "ringcc: ps server at %s rejected a connection from %s: %s\n", address.c_str(),
+                 c.addr.c_str(), why.c_str());
+  }
+
+  // HELLO: the worker's challenge and claims (rank, num_workers). The server proves it
+  // knows the secret over both challenges and sends its own challenge.
   void on_hello(Conn& c, const Header& h) {
-    std::string got(c.body.begin(), c.body.end());
-    // Constant-time comparison: the token is the only secret between job and server.
-    unsigned diff = got.size() != o.token.size();
-    for (size_t i = 0; i < std::min(got.size(), o.token.size()); ++i) diff |= got[i] ^ o.token[i];
+    std::memcpy(c.client_challenge, c.body.data(), kChallengeBytes);
+    c.claimed_rank = h.sender;
+    c.claimed_workers = h.numel;
+    auth::secure_random(c.server_challenge, kChallengeBytes);
+    auth::Digest p = handshake_proof(o.secret, 'S', c.claimed_rank, c.claimed_workers, c.client_challenge,
+                                     c.server_challenge);
+    auto body = std::make_shared<Bytes>(kChallengeBytes + p.size());
+    std::memcpy(body->data(), c.server_challenge, kChallengeBytes);
+    std::memcpy(body->data() + kChallengeBytes, p.data(), p.size());
+    c.challenged = true;
+    Header r;
+    r.type = MsgType::kChallenge;
+    send(c, r, std::move(body));
+  }
+
+  // AUTH: the worker's proof over both challenges; then its claims are checked.
+  void on_auth(Conn& c, const Header& h) {
     auto refuse = [&](ErrorCode code, std::string text) {
-      send_error(c, 0, code, "HELLO: " + text);
+      log_reject(c, text);
+      send_error(c, 0, code, "AUTH: " + text);
       c.close_after_flush = true;
     };
-    if (diff != 0)
-      return refuse(ErrorCode::kAuth, "authentication failed: wrong job token (is this worker from another job?)");
-    if (h.sender >= static_cast<uint32_t>(o.num_workers))
-      return refuse(ErrorCode::kBadRequest, detail::concat("worker rank ", h.sender, " out of range [0, ",
+    auth::Digest want = handshake_proof(o.secret, 'C', c.claimed_rank, c.claimed_workers, c.client_challenge,
+                                        c.server_challenge);
+    if (!auth::constant_time_equal(want.data(), c.body.data(), want.size()))
+      return refuse(ErrorCode::kAuth, "authentication failed: wrong proof of the job secret (a worker of another "
+                    "job, or a replayed handshake?)");
+    const uint32_t rank = c.claimed_rank;
+    if (rank >= static_cast<uint32_t>(o.num_workers))
+      return refuse(ErrorCode::kBadRequest, detail::concat("worker rank ", rank, " out of range [0, ",
                                                            o.num_workers, ")"));
-    if (h.numel != static_cast<uint64_t>(o.num_workers))
-      return refuse(ErrorCode::kBadRequest, detail::concat("worker ", h.sender, " expects ", h.numel,
+    if (c.claimed_workers != static_cast<uint64_t>(o.num_workers))
+      return refuse(ErrorCode::kBadRequest, detail::concat("worker ", rank, " expects ", c.claimed_workers,
                                                            " workers; this server was started for ", o.num_workers));
     // A worker may reconnect once its old connection is gone (dead ones count as gone
     // even before the loop closes them).
     bool taken = false;
-    for (auto& [id, other] : conns) taken |= other.get() != &c && other->authed && !other->dead && other->rank == int(h.sender);
-    if (taken)
-      return refuse(ErrorCode::kBadRequest, detail::concat("worker rank ", h.sender, " is already connected"));
+    for (auto& [id, other] : conns) taken |= other.get() != &c && other->authed && !other->dead && other->rank == int(rank);
+    if (taken) return refuse(ErrorCode::kBadRequest, detail::concat("worker rank ", rank, " is already connected"));
     c.authed = true;
-    c.rank = static_cast<int>(h.sender);
+    c.rank = static_cast<int>(rank);
     send_ok(c, 0, 0, static_cast<uint8_t>(o.mode));
   }
 
@@ -507,6 +555,19 @@ struct Server::Impl {
     }
   }
 
+  // A connection that has not proved itself within the bound is a stray: it is told why
+  // (a slow genuine worker gets a readable error) and closed.
+  void expire_handshakes(Clock::time_point now) {
+    for (auto& [id, c] : conns) {
+      if (c->authed || c->close_after_flush || c->dead || c->auth_deadline > now) continue;
+      std::string why = detail::concat("no authentication within ", o.handshake_timeout,
+                                       " s (RINGCC_HANDSHAKE_TIMEOUT)");
+      log_reject(*c, why);
+      send_error(*c, 0, ErrorCode::kAuth, why);
+      c->close_after_flush = true;  // written and dropped below, in this iteration
+    }
+  }
+
   void push_async(Conn& c, const Header& h, Key& k) {
     if (h.round > k.version)
       return send_error(c, k.id, ErrorCode::kBadRequest,
@@ -553,6 +614,9 @@ struct Server::Impl {
       auto c = std::make_unique<Conn>();
       c->id = next_conn++;
       c->fd = fd;
+      c->addr = transport::tcp::peer_address(fd);
+      c->auth_deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                            std::chrono::duration<double>(o.handshake_timeout));
       conns.emplace(c->id, std::move(c));
     }
   }
@@ -665,6 +729,8 @@ struct Server::Impl {
       int timeout_ms = -1;
       Clock::time_point next = Clock::time_point::max();
       for (uint64_t id : open_rounds) next = std::min(next, keys[id].deadline);
+      for (auto& [id, c] : conns)
+        if (!c->authed && !c->close_after_flush) next = std::min(next, c->auth_deadline);
       if (draining) next = std::min(next, drain_deadline);
       if (next != Clock::time_point::max()) {
         auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(next - now).count() + 1;
@@ -694,6 +760,7 @@ struct Server::Impl {
           if (!c.dead && (re & POLLOUT)) on_writable(c);
         }
       }
+      expire_handshakes(Clock::now());
       // Replies queued while reading (e.g. a completed sync round for other workers)
       // go out now rather than after the next poll.
       for (auto& [id, c] : conns)
@@ -712,8 +779,11 @@ Server::Server(ServerOptions opts) : opts_(std::move(opts)) {
   RINGCC_CHECK_ARG(opts_.timeout > 0, "ps server: timeout must be positive, got ", opts_.timeout);
   RINGCC_CHECK_ARG(opts_.transport == "auto" || opts_.transport == "tcp", "ps server: transport must be 'auto' or "
                    "'tcp', got '", opts_.transport, "'");
-  RINGCC_CHECK_ARG(!opts_.token.empty() && opts_.token.size() <= kMaxTokenBytes,
-                   "ps server: the job token must be 1..", kMaxTokenBytes, " bytes");
+  RINGCC_CHECK_ARG(opts_.secret.size() >= kMinSecretBytes && opts_.secret.size() <= kMaxSecretBytes,
+                   "ps server: the job secret must be ", kMinSecretBytes, "..", kMaxSecretBytes, " bytes, got ",
+                   opts_.secret.size());
+  RINGCC_CHECK_ARG(opts_.handshake_timeout > 0, "ps server: handshake_timeout must be positive, got ",
+                   opts_.handshake_timeout);
 }
 
 Server::~Server() { stop(); }
@@ -724,6 +794,7 @@ void Server::start() {
   impl->listener = std::make_unique<transport::tcp::Listener>(opts_.listen_host, 128);
   RINGCC_SYSCHECK(::pipe2(impl->wake, O_NONBLOCK | O_CLOEXEC), "ps server wake-up pipe");
   address_ = impl->listener->address();
+  impl->address = address_;
   // accept_all() takes connections until EAGAIN: a blocking listener would hang the loop.
   int lfd = impl->listener->fd();
   RINGCC_SYSCHECK(::fcntl(lfd, F_SETFL, ::fcntl(lfd, F_GETFL, 0) | O_NONBLOCK), "ps listener O_NONBLOCK");

@@ -23,7 +23,8 @@ struct ServerOptions {
   std::string listen_host;  // numeric IP; "" = all interfaces
   int num_workers = 1;
   Mode mode = Mode::kSync;
-  std::string token;        // the job token every HELLO must carry
+  std::string secret;       // the job secret every connection must prove it knows
+  double handshake_timeout = 10.0;  // seconds a new connection has to authenticate
   double timeout = 300.0;   // sync: how long a started round may wait for the others
   // async: SGD with momentum applied on the server, in fp32.
   float lr = 0.01f;

@@ -94,6 +94,13 @@ Segment Segment::open(const std::string& name, int expected_rank, int world_size
     RINGCC_THROW(PeerError, "shared-memory segment ", name, " of rank ", expected_rank,
                  " is truncated");
   }
+  // Same-host peers are trusted as this user: the segment must be a regular object of
+  // this user (created 0600), whatever name the store handed us.
+  if (!S_ISREG(st.st_mode) || st.st_uid != geteuid()) {
+    close(fd);
+    RINGCC_THROW(PeerError, "shared-memory segment ", name, " of rank ", expected_rank,
+                 " is not a regular object of this user (uid ", st.st_uid, ")");
+  }
   s.size_ = static_cast<size_t>(st.st_size);
   s.base_ = mmap(nullptr, s.size_, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   close(fd);

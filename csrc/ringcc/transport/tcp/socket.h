@@ -37,6 +37,9 @@ int connect_to(const std::string& addr, const Deadline& deadline, int peer_rank)
 void send_all(int fd, const void* data, size_t n, const Deadline& deadline, const char* what);
 void recv_all(int fd, void* data, size_t n, const Deadline& deadline, const char* what);
 
+// "host:port" of the other end of a connected socket, for log lines.
+std::string peer_address(int fd);
+
 // TCP_NODELAY, optional SO_SNDBUF/SO_RCVBUF (RINGCC_SOCKET_BUFFER_BYTES), then O_NONBLOCK.
 void configure_data_socket(int fd);
 
