@@ -9,6 +9,8 @@ from typing import Any, Optional
 
 # Bytes of randomness in a job secret (it is stored and used as their hex text).
 SECRET_BYTES = 32
+# Longest pause between two looks at the store while waiting for another rank to join.
+POLL_MAX_S = 0.05
 
 
 class StoreClient:
@@ -45,6 +47,74 @@ class StoreClient:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
+
+
+def _exists(store: Any, key: str) -> bool:
+    if hasattr(store, "check"):  # torch Stores: get() would block
+        return bool(store.check([key]))
+    try:
+        return store.get(key) is not None
+    except KeyError:
+        return False
+
+
+def _poll(ready, deadline: float, timed_out) -> None:
+    """Call ready() until it is true, with growing pauses; raise timed_out() at the
+    deadline. Each pause returns to the interpreter, so a signal handler (torchrun's
+    SIGTERM, Ctrl-C) runs while a rank waits for others to join."""
+    delay = 0.001
+    while not ready():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise timed_out()
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, POLL_MAX_S)
+
+
+def join_generation(store: Any, base: str, rank: int, world_size: int, timeout: float) -> int:
+    """The generation under which every rank of one communicator creation keeps its
+    records (``base + f"{generation}/"``); returns once every rank has joined it.
+
+    The store may hold records of earlier creations under the same name: a communicator
+    re-created after an abort, or a torchrun restart (torchrun keeps one store for all
+    attempts of a job), and an earlier attempt may have ended after only some ranks
+    joined, leaving the ranks' own join counts unequal. So rank 0 draws a new
+    generation (``store.add``) and hands it to each other rank's current join: rank r
+    numbers its joins with a counter of its own and waits for ``assign/r/<join>``; rank
+    0 reads that counter until rank r confirms, answering the newest number it sees. A
+    join number is new when rank r draws it, so the only answer under it comes from the
+    rank 0 of the same creation (answers to earlier numbers nobody reads).
+
+    Stores without ``add`` (plain set/get objects, for in-process use) get generation 1."""
+    if not hasattr(store, "add"):
+        return 1
+    deadline = time.monotonic() + timeout
+    if rank != 0:
+        join = store.add(f"{base}joins/{rank}", 1)
+        key = f"{base}assign/{rank}/{join}"
+        _poll(lambda: _exists(store, key), deadline, lambda: TimeoutError(
+            f"rendezvous {base!r}: rank {rank} waited {timeout} s for rank 0 to join (is rank 0 running and "
+            "using the same store?)"))
+        generation = int(_text(store.get(key)))
+        store.set(f"{base}{generation}/joined/{rank}", b"1")
+        return generation
+    generation = int(store.add(f"{base}generations", 1))
+    answered = {r: 0 for r in range(1, world_size)}  # rank -> newest join number answered
+
+    def everyone_joined() -> bool:
+        for r in list(answered):
+            if _exists(store, f"{base}{generation}/joined/{r}"):
+                del answered[r]
+                continue
+            join = int(store.add(f"{base}joins/{r}", 0))
+            if join > answered[r]:
+                store.set(f"{base}assign/{r}/{join}", str(generation).encode())
+                answered[r] = join
+        return not answered
+
+    _poll(everyone_joined, deadline, lambda: TimeoutError(
+        f"rendezvous {base!r}: rank(s) {sorted(answered)} did not join within {timeout} s"))
+    return generation
 
 
 def job_secret(store: Any, key: str, timeout: float, *, creator: Optional[bool] = None) -> str:

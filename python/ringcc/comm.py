@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 from . import _buffers
 from ._buffers import Buffer, as_buffer
 from ._native import _C
-from ._store import StoreClient, job_secret
+from ._store import StoreClient, job_secret, join_generation
 
 _C_OP = {
     "sum": _C.ReduceOp.sum,
@@ -271,10 +271,10 @@ class Communicator:
             handshake_timeout=_seconds(handshake_timeout if handshake_timeout is not None else
                                        _env_float("RINGCC_HANDSHAKE_TIMEOUT", 10.0), "handshake_timeout"),
         )
-        # Re-creating a communicator under the same name (after an abort, say) must not
-        # read the previous one's records: stores with add() (all of torch's) count each
-        # rank's joins, and ranks that re-create in step agree on the generation.
-        generation = store.add(f"ringcc/{name}/joins/{rank}", 1) if hasattr(store, "add") else 1
+        # Records of earlier communicators of this name (re-created after an abort, or a
+        # torchrun restart whose store still holds the failed attempt's keys, maybe of
+        # only some ranks) must never be read: rank 0 hands out a fresh generation.
+        generation = join_generation(store, f"ringcc/{name}/", rank, world_size, self.timeout)
         prefix = f"ringcc/{name}/{generation}/"
         client = StoreClient(store, prefix, self.timeout)
         # Every TCP connection proves it knows this secret; a fresh one per communicator.
