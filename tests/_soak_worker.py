@@ -186,6 +186,7 @@ class Case:
     out: bool = False  # out-of-place (allreduce, reduce) / in place (alltoall)
     algorithm: Optional[str] = None
     compression: Optional[str] = None
+    segment_bytes: Optional[int] = None  # allreduce, broadcast, reduce_scatter: pipelining frame size
     counts: Optional[List[int]] = None  # allgather_v / reduce_scatter per-rank counts
     split: Optional[List[List[int]]] = None  # alltoall_v: split[i][j] elements from i to j
     shift: int = 1  # sendrecv: send to rank + shift
@@ -208,9 +209,11 @@ class Case:
 
 # The parameters each kind uses, named in its description.
 _SHOWN = {
-    "allreduce": ("op", "out", "algorithm"), "allreduce_compressed": ("op", "out", "compression"),
-    "reduce": ("op", "root", "out"), "broadcast": ("root",), "allgather": (), "allgather_v": ("counts",),
-    "reduce_scatter": ("op", "counts"), "gather": ("root",), "scatter": ("root",), "alltoall": ("out", "split"),
+    "allreduce": ("op", "out", "algorithm", "segment_bytes"),
+    "allreduce_compressed": ("op", "out", "compression", "segment_bytes"),
+    "reduce": ("op", "root", "out"), "broadcast": ("root", "segment_bytes"), "allgather": (),
+    "allgather_v": ("counts",), "reduce_scatter": ("op", "counts", "segment_bytes"), "gather": ("root",),
+    "scatter": ("root",), "alltoall": ("out", "split"),
     "barrier": (), "sendrecv": ("shift", "tag", "recv_async"),
 }
 
@@ -251,6 +254,7 @@ def draw_case(rng: np.random.Generator, it: int, world: int, max_bytes: int, *, 
     c.async_op = bool(nested or rng.random() < 0.2)
     c.algorithm = [None, "ring", "recursive_doubling"][rng.integers(3)] if kind == "allreduce" else None
     c.compression = ["fp16", "bf16"][rng.integers(2)] if kind == "allreduce_compressed" else None
+    c.segment_bytes = [None, None, 4096, 32768][rng.integers(4)]
     block = c.n // world
     if kind == "allgather_v" or (kind == "reduce_scatter" and rng.random() < 0.5):
         c.counts = [int(x) for x in rng.integers(0, block + 1, world)]
@@ -288,7 +292,7 @@ def start(case: Case, comm, tables: Tables) -> Tuple[Any, Callable[[Any], None]]
     if case.kind in ("allreduce", "allreduce_compressed"):
         x = make(r)
         y = empty_like(x) if case.out else None
-        kw = dict(algorithm=case.algorithm) if case.algorithm else {}
+        kw = dict(algorithm=case.algorithm, segment_bytes=case.segment_bytes)
         if case.compression:
             kw["compression"] = case.compression
         ret = comm.allreduce(x, case.op, out=y, async_op=a, **kw)
@@ -329,7 +333,7 @@ def start(case: Case, comm, tables: Tables) -> Tuple[Any, Callable[[Any], None]]
 
     if case.kind == "broadcast":
         x = make(r)
-        ret = comm.broadcast(x, case.root, async_op=a)
+        ret = comm.broadcast(x, case.root, async_op=a, segment_bytes=case.segment_bytes)
         return ret, lambda res: check_equal(res, vals(case.root), f"broadcast from {case.root}")
 
     if case.kind == "allgather_v":
@@ -346,7 +350,7 @@ def start(case: Case, comm, tables: Tables) -> Tuple[Any, Callable[[Any], None]]
         cnt = case.counts if case.counts is not None else [n // world] * world
         total = sum(cnt)
         x = make(r, total)
-        ret = comm.reduce_scatter(x, case.op, counts=case.counts, async_op=a)
+        ret = comm.reduce_scatter(x, case.op, counts=case.counts, async_op=a, segment_bytes=case.segment_bytes)
         off = sum(cnt[:r])
         want = expected_reduction([vals(q, total) for q in range(world)], case.op, dt)[off:off + cnt[r]]
 
@@ -548,7 +552,7 @@ def main() -> None:
         "shm": ringcc.Communicator(store, rank, world, name="soak-shm", transport="shm", timeout=args.timeout),
         "tcp": ringcc.Communicator(store, rank, world, name="soak-tcp", transport="tcp", timeout=args.timeout,
                                    listen_address="127.0.0.1"),
-        "mixed": ringcc.Communicator(store, rank, world, name="soak-mixed", timeout=args.timeout,
+        "mixed": ringcc.Communicator(store, rank, world, name="soak-mixed", transport="auto", timeout=args.timeout,
                                      listen_address="127.0.0.1", host_id=f"soak-host-{pair}"),
     }
     for peer in range(world):
@@ -572,7 +576,7 @@ def main() -> None:
         for it in range(args.iterations):
             if it >= args.warmup and (it - args.warmup) % every == 0:
                 samples.append(dict(sample(), iteration=it, ops=ops))
-            case = None
+            case = None  # a failing draw must not be blamed on the previous case
             case = draw_case(rng, it, world, args.max_bytes)
             tamper.armed = 0 <= args.corrupt_from <= it
             run_case(case, comms, tables, tamper)
