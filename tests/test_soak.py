@@ -3,7 +3,8 @@ shared memory, TCP and a mixed communicator (tests/_soak_worker.py runs one rank
 checks every result). Here we check that resources stay flat once warmed up: open fds,
 threads, mapped shared-memory segments and /dev/shm entries exactly, anonymous RSS
 within a tolerance; that closing returns fds and threads to what the process had
-before; and that nothing is left in /dev/shm."""
+before; and that nothing is left in /dev/shm. A failure names its seed;
+RINGCC_SOAK_SEED=<n> reruns with that seed (or explores others)."""
 
 from __future__ import annotations
 
