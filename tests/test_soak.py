@@ -109,7 +109,8 @@ def _soak(ranks, tmp_path, iterations: int, warmup: int, seed: int, hang_timeout
         # A hang detector, far above the expected run time: each operation also has the
         # communicators' own 60 s timeout, so a stuck rank errors out long before.
         out = child.finish(timeout=hang_timeout)
-        assert child.proc.returncode == 0, f"rank {child.rank} exited with {child.proc.returncode} (seed {seed}):\n{out}"
+        assert child.proc.returncode == 0, (
+            f"rank {child.rank} exited with {child.proc.returncode} (seed {seed}):\n{out}")
         lines = [line for line in out.splitlines() if line.startswith("STATS ")]
         assert len(lines) == 1, out
         figures.append(_check_flat(json.loads(lines[0][len("STATS "):])))
