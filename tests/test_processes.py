@@ -1,5 +1,7 @@
-"""Ranks as real processes: rendezvous through torch.distributed stores, and a peer
-killed with SIGKILL in the middle of a loop of allreduces."""
+"""Ranks as real processes: rendezvous through torch.distributed stores; a peer killed
+with SIGKILL in the middle of a stream of collectives or during setup, or frozen with
+SIGSTOP; what the survivors raise, how soon, and what they leave behind (threads, fds,
+shared memory)."""
 
 from __future__ import annotations
 
@@ -113,54 +115,167 @@ def test_collectives_across_processes(store, tmp_path, children):
     assert _shm_leftovers(c.pid for c in children) == []
 
 
-def _start_loop_and_kill_rank2(children, transport, tmp_path, *extra):
+# Bounds below are hang detectors, not speed targets. A killed peer's death must be
+# noticed by the survivors themselves (socket EOF, or its pid gone on shared memory),
+# which takes milliseconds; the bound only has to be clearly below the communicator's
+# timeout so that an error caused by that timeout cannot pass for detection.
+KILL_TIMEOUT_S = 60.0
+KILL_DETECTION_BOUND_S = 15.0
+# A frozen peer (SIGSTOP) keeps its sockets and pid: only the timeout can catch it.
+FREEZE_TIMEOUT_S = 5.0
+# Margin past the timeout for an error caused by it to reach every survivor and be printed.
+TIMEOUT_MARGIN_S = 15.0
+
+
+def _start_ranks(children, transport, tmp_path, *extra, timeout=KILL_TIMEOUT_S, ready=True, victim_extra=()):
+    """Starts WORLD ranks of the loop worker on a directory store; rank 2 also gets
+    `victim_extra`. With `ready`, waits until every rank has run its first iterations."""
     store_dir = tmp_path / "store"
     store_dir.mkdir()
     for rank in range(WORLD):
         children.append(Child(rank, "--mode", "loop", "--store", "dir", "--addr", str(store_dir),
-                              "--transport", transport, "--timeout", "60", "--ready-after", "20", *extra,
-                              cwd=tmp_path))
-    for child in children:
-        child.read_line_starting("READY", timeout=60)
-    victim = children[2]
+                              "--transport", transport, "--timeout", str(timeout), "--ready-after", "20", *extra,
+                              *(victim_extra if rank == 2 else ()), cwd=tmp_path))
+    if ready:
+        for child in children:
+            child.read_line_starting("READY", timeout=60)
+    return children[2]
+
+
+def _kill(victim) -> float:
+    """SIGKILL `victim` and reap it (a zombie still "exists" for kill(pid, 0)); returns
+    the time.monotonic() of the kill."""
+    t_kill = time.monotonic()
     victim.proc.send_signal(signal.SIGKILL)
-    victim.proc.wait()  # reap it: a zombie still "exists" for kill(pid, 0)
+    victim.proc.wait()
     assert victim.proc.returncode == -signal.SIGKILL
+    return t_kill
 
 
-def _check_report(child, line):
-    report = json.loads(line)
+def _report(child, timeout: float) -> dict:
+    return json.loads(child.read_line_starting("{", timeout=timeout))
+
+
+def _check_peer_error(report, t_event, *, phase="loop", bound=KILL_DETECTION_BOUND_S, what=""):
+    """The error names the dead rank 2 and arrived within `bound` seconds of its death
+    (by default well before the communicator's timeout could have caused it). Returns
+    the seconds from the kill to the error."""
     assert report["is_peer_error"], report
     assert report["type"] == "PeerError", report
     assert re.search(r"\brank 2\b", report["message"]), report
-    assert report["iterations"] >= 20, report
+    assert report["phase"] == phase, report
+    if phase == "loop":
+        assert report["iterations"] >= 20, report
+    delay = report["t_error"] - t_event
+    assert 0 <= delay < bound, (delay, report)
+    print(f"\n[measured] {what}: kill -9 -> {report['type']} after {delay:.3f} s")
+    return delay
 
 
-def test_killed_peer_fails_survivors(transport, tmp_path, children):
+def _check_closed(child):
+    """After the error and close(): the rank exits 0 with its thread count back to what it
+    was before the communicator, no socket left open, and every fd back once freed."""
+    out = child.finish(timeout=10)  # a hang detector: close() has nothing left to wait for
+    assert child.proc.returncode == 0, f"rank {child.rank} exited with {child.proc.returncode}:\n{out}"
+    closed = [line for line in out.splitlines() if line.startswith("CLOSED ")]
+    assert len(closed) == 1, out
+    res = json.loads(closed[0][len("CLOSED "):])
+    before, after = res["threads"]
+    assert after == before, f"rank {child.rank}: {after} threads after close(), {before} before the communicator"
+    assert res["sockets_after_close"] == 0, res
+    fds_before, fds_after = res["fds"]
+    assert fds_after == fds_before, f"rank {child.rank}: fds {fds_before} before, {fds_after} after: {res}"
+
+
+def _check_no_shm(children):
+    assert _shm_leftovers(c.pid for c in children) == []
+
+
+@pytest.mark.parametrize("ops", ["allreduce", "mixed"])
+def test_killed_peer_fails_survivors(transport, ops, tmp_path, children):
     # Survivors leave with os._exit right after reporting: this test is about the error
     # itself (see the next test for what happens when they close).
-    _start_loop_and_kill_rank2(children, transport, tmp_path, "--after-error", "exit")
+    victim = _start_ranks(children, transport, tmp_path, "--ops", ops, "--after-error", "exit")
+    t_kill = _kill(victim)
     for child in children[:2]:
-        # 30 s is far below the 60 s communicator timeout: only a hang misses it.
-        _check_report(child, child.read_line_starting("{", timeout=30))
+        _check_peer_error(_report(child, timeout=30), t_kill, what=f"{transport} {ops} rank {child.rank}")
         child.finish(timeout=30)
         assert child.proc.returncode == 0, f"rank {child.rank} failed:\n{child.output()}"
-    assert _shm_leftovers(c.pid for c in children) == []
+    _check_no_shm(children)
 
 
-@pytest.mark.parametrize("mode", ["blocking", "async"])
+@pytest.mark.parametrize("mode", ["blocking", "async", "mixed"])
 def test_survivors_close_cleanly_after_peer_death(transport, mode, tmp_path, children):
-    extra = ["--after-error", "close"] + (["--async"] if mode == "async" else [])
-    _start_loop_and_kill_rank2(children, transport, tmp_path, *extra)
+    extra = {"blocking": [], "async": ["--async"], "mixed": ["--ops", "mixed"]}[mode]
+    victim = _start_ranks(children, transport, tmp_path, "--after-error", "close", *extra)
+    t_kill = _kill(victim)
     for child in children[:2]:
-        _check_report(child, child.read_line_starting("{", timeout=30))
+        _check_peer_error(_report(child, timeout=30), t_kill, what=f"{transport} {mode} rank {child.rank}")
     for child in children[:2]:
-        # Closing an already failed communicator has nothing to wait for: 10 s is a
-        # hang detector, not a speed requirement.
-        out = child.finish(timeout=10)
-        assert child.proc.returncode == 0, f"rank {child.rank} exited with {child.proc.returncode}:\n{out}"
-        assert "CLOSED" in out.splitlines(), out
-    assert _shm_leftovers(c.pid for c in children) == []
+        _check_closed(child)
+    _check_no_shm(children)
+
+
+def test_frozen_peer_times_out(transport, tmp_path, children):
+    # SIGSTOP leaves rank 2's sockets open and its pid alive: nothing but the timeout can
+    # tell the survivors, who must then name what they waited for and from whom.
+    victim = _start_ranks(children, transport, tmp_path, "--ops", "mixed", "--after-error", "close",
+                          timeout=FREEZE_TIMEOUT_S)
+    t_stop = time.monotonic()
+    victim.proc.send_signal(signal.SIGSTOP)
+    try:
+        messages = []
+        for child in children[:2]:
+            report = _report(child, timeout=FREEZE_TIMEOUT_S + TIMEOUT_MARGIN_S + 15)
+            assert report["type"] == "TimeoutError" and report["is_timeout"], report
+            msg = report["message"]
+            assert "timed out after 5 s" in msg, msg
+            # What it waited for and from whom: rank 2, or a survivor that waited for it.
+            assert re.search(r"still waiting to (receive \d+ bytes from|send \d+ bytes to) rank [0-2]\b", msg), msg
+            messages.append(msg)
+            delay = report["t_error"] - t_stop
+            # The operation that was running when rank 2 stopped had started a little
+            # earlier, so its deadline can come slightly before t_stop + timeout.
+            assert delay < FREEZE_TIMEOUT_S + TIMEOUT_MARGIN_S, (delay, report)
+            print(f"\n[measured] {transport} frozen rank 2, rank {child.rank}: SIGSTOP -> TimeoutError after "
+                  f"{delay:.3f} s (timeout {FREEZE_TIMEOUT_S} s)")
+        # The first to give up may only name a survivor it waited for (the frozen rank
+        # held that one up); a survivor that waited for rank 2 itself names it, in its
+        # own report or in the view it adds to the other's.
+        assert any(re.search(r"\bto (receive \d+ bytes from|send \d+ bytes to) rank 2\b", m) for m in messages), \
+            messages
+        for child in children[:2]:
+            _check_closed(child)
+    finally:
+        _kill(victim)  # SIGKILL ends a stopped process too
+    _check_no_shm(children)
+
+
+def test_rank_killed_during_setup(transport, tmp_path, children):
+    # Rank 2 stops right after publishing its rendezvous record: its shared-memory
+    # segment exists and the others are connecting to it. Killed there it can never
+    # remove the segment's name itself; the survivors must fail with a PeerError naming
+    # it and remove the orphaned name. On shared memory its pid is watched, so they fail
+    # at once; over TCP it never dialled, so they notice only at the timeout, and then
+    # find its process gone.
+    timeout = 8.0
+    victim = _start_ranks(children, transport, tmp_path, "--after-error", "close", timeout=timeout, ready=False,
+                          victim_extra=["--pause-in-setup"])
+    victim.read_line_starting("SETUP-PAUSED", timeout=60)
+    segments = _shm_leftovers([victim.pid])
+    assert len(segments) == (1 if transport == "shm" else 0), segments
+    t_kill = _kill(victim)
+    for child in children[:2]:
+        report = _report(child, timeout=timeout + TIMEOUT_MARGIN_S + 30)
+        bound = KILL_DETECTION_BOUND_S if transport == "shm" else timeout + TIMEOUT_MARGIN_S
+        _check_peer_error(report, t_kill, phase="setup", bound=bound, what=f"{transport} setup rank {child.rank}")
+        if transport == "tcp":
+            assert re.search(r"timed out after 8 s setting up TCP connections; still waiting for connections from "
+                             r"rank/stream 2/0\b", report["message"]), report
+            assert re.search(r"\brank 2 \(pid \d+\) died during setup", report["message"]), report
+    for child in children[:2]:
+        _check_closed(child)
+    _check_no_shm(children)
 
 
 @pytest.mark.parametrize("mode", ["blocking", "async"])

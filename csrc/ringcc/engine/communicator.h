@@ -16,6 +16,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "ringcc/algorithms/algorithms.h"
@@ -46,7 +47,8 @@ class Communicator {
   // Connects to every peer (proving knowledge of the job `secret` on every TCP
   // connection), runs the setup barrier and starts the progress thread.
   void connect(const std::vector<std::string>& infos, const std::string& secret);
-  std::string link_kind(int peer) const { return mesh_.link_kind(peer); }
+  // "shm", "tcp" or "self"; also after close().
+  std::string link_kind(int peer);
 
   // Validates `d` (throws std::invalid_argument / DtypeError at once, nothing queued)
   // and queues it for the progress thread.
@@ -78,6 +80,12 @@ class Communicator {
   // Runs `body`; if it throws, aborts the communicator (telling every peer) and returns
   // the error each affected Work gets. nullptr when `body` succeeded.
   std::exception_ptr guarded(const std::function<void()>& body);
+  // A failed connect(): removes the shared-memory names of same-host peers that died,
+  // tells the peers, and throws the error (naming the dead ranks). Never returns.
+  [[noreturn]] void setup_failed(const std::vector<std::string>& infos, std::exception_ptr error);
+  // (rank, pid) of the same-host peers in `infos` whose process is gone; removes their
+  // segment names.
+  std::vector<std::pair<int, int>> reap_dead_local_peers(const std::vector<std::string>& infos);
   OpContext make_context(const OpHeader& h, const Deadline& deadline);
   void execute(const OpDesc& d, const OpHeader& h);
   void fail(AbortKind kind, const std::string& reason) noexcept;

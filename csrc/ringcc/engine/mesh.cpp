@@ -519,6 +519,7 @@ int Mesh::local_ranks() const {
 }
 
 std::string Mesh::link_kind(int peer) const {
+  if (!released_kinds_.empty()) return released_kinds_[peer];
   if (peer == rank_ || !links_[peer]) return "self";
   return links_[peer]->kind() == LinkKind::kShm ? "shm" : "tcp";
 }
@@ -656,6 +657,25 @@ void Mesh::close() noexcept {
       // A reset connection has nothing left to drain.
     }
   }
+}
+
+void Mesh::release() noexcept {
+  if (!released_kinds_.empty()) return;
+  std::vector<std::string> kinds;
+  for (int p = 0; p < size_; ++p) kinds.push_back(link_kind(p));
+  for (auto& l : links_) {
+    if (l && l->kind() == LinkKind::kTcp) {
+      try {
+        const void* p;
+        while (size_t n = l->peek(&p)) l->consume(n);  // unread bytes would turn FIN into RST
+      } catch (const std::exception&) {
+        // A reset connection has nothing left to drain.
+      }
+    }
+    l.reset();
+  }
+  listener_.reset();
+  released_kinds_ = std::move(kinds);
 }
 
 }  // namespace ringcc
