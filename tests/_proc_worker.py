@@ -19,6 +19,7 @@ Modes:
                --pause-in-setup: after publishing its rendezvous record (its
                shared-memory segment and listener exist) this rank prints
                "SETUP-PAUSED" and blocks forever, for the parent to kill it there.
+               --hold-in-setup: the same, but it goes on when a line arrives on stdin.
   peer-gone    two ranks as threads over TCP in this one process: rank 1 aborts and its
                communicator is destroyed, then rank 0 runs a barrier (--async: async_op),
                prints one JSON line about its error, closes and prints "CLOSED".
@@ -113,18 +114,21 @@ def collectives(comm, transport: str) -> None:
 
 class PauseInSetup:
     """Wraps a store: the first get() of a peer's rendezvous record (this rank's own is
-    published by then) prints "SETUP-PAUSED" and never returns."""
+    published by then) prints "SETUP-PAUSED" and calls `resume` (which may never
+    return) before going on."""
 
-    def __init__(self, store) -> None:
+    def __init__(self, store, resume) -> None:
         self._store = store
+        self._resume = resume
 
     def set(self, key: str, value: bytes) -> None:
         self._store.set(key, value)
 
     def get(self, key: str):
-        if "/info/" in key:
+        if "/info/" in key and self._resume is not None:
             print("SETUP-PAUSED", flush=True)
-            threading.Event().wait()  # until the parent kills this process
+            resume, self._resume = self._resume, None
+            resume()
         return self._store.get(key)
 
 
@@ -283,14 +287,17 @@ def main() -> None:
     p.add_argument("--after-error", choices=["close", "exit"], default="close")
     p.add_argument("--ops", choices=sorted(STEPS), default="allreduce")
     p.add_argument("--pause-in-setup", action="store_true")
+    p.add_argument("--hold-in-setup", action="store_true")
     args = p.parse_args()
     if args.mode == "peer-gone":
         peer_gone(args.use_async)
         return
 
     store = make_store(args.store, args.addr, args.rank, args.world)
-    if args.pause_in_setup:
-        store = PauseInSetup(store)
+    if args.pause_in_setup:  # until the parent kills this process
+        store = PauseInSetup(store, threading.Event().wait)
+    elif args.hold_in_setup:  # until the parent writes a line
+        store = PauseInSetup(store, sys.stdin.readline)
     import ringcc
 
     if args.mode == "collectives":

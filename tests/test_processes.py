@@ -7,86 +7,24 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import re
-import select
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List
 
 import pytest
+from proc_helpers import Child as _Child
+from proc_helpers import children  # noqa: F401 - the fixture
 
 WORKER = str(Path(__file__).with_name("_proc_worker.py"))
 WORLD = 3
 
 
-class Child:
-    """A rank process whose merged stdout/stderr the parent can read line by line."""
-
-    def __init__(self, rank: int, *args: str, cwd: Path):
-        self.rank = rank
-        cmd = [sys.executable, WORKER, "--rank", str(rank), "--world", str(WORLD), *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0,
-                                     cwd=str(cwd))
-        self.pid = self.proc.pid
-        self._buf = b""
-        self.lines: List[str] = []  # every complete line read so far
-
-    def read_line_starting(self, prefix: str, timeout: float) -> str:
-        """Block until a line starting with `prefix` arrives (or EOF / timeout: fail)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            while b"\n" in self._buf:
-                raw, self._buf = self._buf.split(b"\n", 1)
-                line = raw.decode(errors="replace")
-                self.lines.append(line)
-                if line.startswith(prefix):
-                    return line
-            left = deadline - time.monotonic()
-            if left <= 0:
-                pytest.fail(f"rank {self.rank}: no {prefix!r} line within {timeout} s; output so far:\n"
-                            + self.output())
-            ready, _, _ = select.select([self.proc.stdout], [], [], left)
-            if ready:
-                chunk = os.read(self.proc.stdout.fileno(), 65536)
-                if not chunk:
-                    self.proc.wait()
-                    pytest.fail(f"rank {self.rank} exited (rc={self.proc.returncode}) before printing "
-                                f"{prefix!r}; output:\n" + self.output())
-                self._buf += chunk
-
-    def finish(self, timeout: float) -> str:
-        """Wait for exit (fail on a hang) and return everything it printed."""
-        try:
-            rest, _ = self.proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rest, _ = self.proc.communicate()
-            self._buf += rest or b""
-            pytest.fail(f"rank {self.rank} did not finish within {timeout} s (hang); output:\n" + self.output())
-        self._buf += rest or b""
-        return self.output()
-
-    def output(self) -> str:
-        return "\n".join(self.lines + [self._buf.decode(errors="replace")])
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-
-
-@pytest.fixture
-def children():
-    spawned: List[Child] = []
-    yield spawned
-    for c in spawned:  # whatever happened, leave no process behind
-        c.kill()
-        if c.proc.stdout:
-            c.proc.stdout.close()
+def Child(rank: int, *args: str, cwd: Path, stdin: bool = False) -> _Child:  # noqa: N802 - makes one
+    return _Child(rank, [sys.executable, WORKER, "--rank", str(rank), "--world", str(WORLD), *args], cwd=cwd,
+                  stdin=stdin)
 
 
 def _shm_leftovers(pids) -> list:
@@ -127,29 +65,22 @@ FREEZE_TIMEOUT_S = 5.0
 TIMEOUT_MARGIN_S = 15.0
 
 
-def _start_ranks(children, transport, tmp_path, *extra, timeout=KILL_TIMEOUT_S, ready=True, victim_extra=()):
+def _start_ranks(children, transport, tmp_path, *extra, timeout=KILL_TIMEOUT_S, ready=True, victim_extra=(),
+                 rank0_extra=()):
     """Starts WORLD ranks of the loop worker on a directory store; rank 2 also gets
-    `victim_extra`. With `ready`, waits until every rank has run its first iterations."""
+    `victim_extra`, rank 0 `rank0_extra` (and a stdin pipe). With `ready`, waits until
+    every rank has run its first iterations."""
     store_dir = tmp_path / "store"
     store_dir.mkdir()
     for rank in range(WORLD):
+        own = {0: rank0_extra, 2: victim_extra}.get(rank, ())
         children.append(Child(rank, "--mode", "loop", "--store", "dir", "--addr", str(store_dir),
                               "--transport", transport, "--timeout", str(timeout), "--ready-after", "20", *extra,
-                              *(victim_extra if rank == 2 else ()), cwd=tmp_path))
+                              *own, cwd=tmp_path, stdin=rank == 0))
     if ready:
         for child in children:
             child.read_line_starting("READY", timeout=60)
     return children[2]
-
-
-def _kill(victim) -> float:
-    """SIGKILL `victim` and reap it (a zombie still "exists" for kill(pid, 0)); returns
-    the time.monotonic() of the kill."""
-    t_kill = time.monotonic()
-    victim.proc.send_signal(signal.SIGKILL)
-    victim.proc.wait()
-    assert victim.proc.returncode == -signal.SIGKILL
-    return t_kill
 
 
 def _report(child, timeout: float) -> dict:
@@ -168,7 +99,8 @@ def _check_peer_error(report, t_event, *, phase="loop", bound=KILL_DETECTION_BOU
         assert report["iterations"] >= 20, report
     delay = report["t_error"] - t_event
     assert 0 <= delay < bound, (delay, report)
-    print(f"\n[measured] {what}: kill -9 -> {report['type']} after {delay:.3f} s")
+    if what:
+        print(f"\n[measured] {what}: kill -9 -> {report['type']} after {delay:.3f} s")
     return delay
 
 
@@ -196,7 +128,7 @@ def test_killed_peer_fails_survivors(transport, ops, tmp_path, children):
     # Survivors leave with os._exit right after reporting: this test is about the error
     # itself (see the next test for what happens when they close).
     victim = _start_ranks(children, transport, tmp_path, "--ops", ops, "--after-error", "exit")
-    t_kill = _kill(victim)
+    t_kill = victim.kill_now()
     for child in children[:2]:
         _check_peer_error(_report(child, timeout=30), t_kill, what=f"{transport} {ops} rank {child.rank}")
         child.finish(timeout=30)
@@ -208,7 +140,7 @@ def test_killed_peer_fails_survivors(transport, ops, tmp_path, children):
 def test_survivors_close_cleanly_after_peer_death(transport, mode, tmp_path, children):
     extra = {"blocking": [], "async": ["--async"], "mixed": ["--ops", "mixed"]}[mode]
     victim = _start_ranks(children, transport, tmp_path, "--after-error", "close", *extra)
-    t_kill = _kill(victim)
+    t_kill = victim.kill_now()
     for child in children[:2]:
         _check_peer_error(_report(child, timeout=30), t_kill, what=f"{transport} {mode} rank {child.rank}")
     for child in children[:2]:
@@ -247,7 +179,7 @@ def test_frozen_peer_times_out(transport, tmp_path, children):
         for child in children[:2]:
             _check_closed(child)
     finally:
-        _kill(victim)  # SIGKILL ends a stopped process too
+        victim.kill_now()  # SIGKILL ends a stopped process too
     _check_no_shm(children)
 
 
@@ -264,7 +196,7 @@ def test_rank_killed_during_setup(transport, tmp_path, children):
     victim.read_line_starting("SETUP-PAUSED", timeout=60)
     segments = _shm_leftovers([victim.pid])
     assert len(segments) == (1 if transport == "shm" else 0), segments
-    t_kill = _kill(victim)
+    t_kill = victim.kill_now()
     for child in children[:2]:
         report = _report(child, timeout=timeout + TIMEOUT_MARGIN_S + 30)
         bound = KILL_DETECTION_BOUND_S if transport == "shm" else timeout + TIMEOUT_MARGIN_S
@@ -275,6 +207,28 @@ def test_rank_killed_during_setup(transport, tmp_path, children):
             assert re.search(r"\brank 2 \(pid \d+\) died during setup", report["message"]), report
     for child in children[:2]:
         _check_closed(child)
+    _check_no_shm(children)
+
+
+def test_survivor_that_comes_late_to_a_failed_setup_names_the_dead_rank(tmp_path, children):
+    # Regression: rank 1 fails at once (rank 2 was killed in setup) and frees its
+    # communicator, removing its segment's name; rank 0, still on its way, then cannot
+    # open that segment. It used to blame rank 1 ("cannot open the shared-memory segment
+    # ... of rank 1"); it must name rank 2, whose process is gone.
+    victim = _start_ranks(children, "shm", tmp_path, "--after-error", "close", ready=False,
+                          victim_extra=["--pause-in-setup"], rank0_extra=["--hold-in-setup"])
+    late, first = children[0], children[1]
+    victim.read_line_starting("SETUP-PAUSED", timeout=60)
+    late.read_line_starting("SETUP-PAUSED", timeout=60)
+    t_kill = victim.kill_now()
+    _check_peer_error(_report(first, timeout=30), t_kill, phase="setup", what="shm setup, first survivor")
+    _check_closed(first)  # its communicator is freed: its segment's name is gone
+    late.send_line("go")
+    report = _report(late, timeout=30)
+    assert "of rank 1" in report["message"], report  # what failed here...
+    _check_peer_error(report, t_kill, phase="setup", bound=60)  # ...and why
+    assert re.search(r"\brank 2 \(pid \d+\) died during setup", report["message"]), report
+    _check_closed(late)
     _check_no_shm(children)
 
 
