@@ -16,6 +16,9 @@ Scenarios (every rank prints what happened as ``<WORD> <json>`` lines):
                 without waiting for them; then checks what each work returns.
   unmatched     rank 0 issues an async all_reduce nobody else issues; every rank then
                 destroys the group.
+  absent        ranks 0 and 1 issue an async all_reduce and destroy the group while
+                rank 2, alive, does nothing until a line arrives on stdin (a stuck
+                rank: its sockets stay open); then rank 2 destroys it too.
 After destroy_process_group() each rank prints "DESTROYED" (seconds it took) and, last,
 "EXIT"; the process must then exit 0 on its own.
 """
@@ -139,12 +142,27 @@ def unmatched(args) -> None:
             report_error(exc)
 
 
+def absent(args) -> None:
+    if args.rank == 2:
+        print("PARKED", flush=True)
+        sys.stdin.readline()
+        destroy()
+        return
+    work = dist.all_reduce(torch.ones(1000), async_op=True)
+    destroy()  # finishes what is queued: here, until the all_reduce's timeout
+    try:
+        work.wait()
+        say("NO-ERROR")
+    except Exception as exc:  # noqa: BLE001
+        report_error(exc)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--world", type=int, required=True)
     p.add_argument("--init-method", required=True)
-    p.add_argument("--scenario", choices=["stream", "abort", "inflight", "unmatched"], required=True)
+    p.add_argument("--scenario", choices=["stream", "abort", "inflight", "unmatched", "absent"], required=True)
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--async", dest="use_async", action="store_true")
     p.add_argument("--blocked", default="")
@@ -153,7 +171,8 @@ def main() -> None:
     THREADS_BEFORE_INIT = thread_count()
     dist.init_process_group("ringcc", init_method=args.init_method, rank=args.rank, world_size=args.world,
                             timeout=datetime.timedelta(seconds=args.timeout))
-    {"stream": stream, "abort": abort, "inflight": inflight, "unmatched": unmatched}[args.scenario](args)
+    {"stream": stream, "abort": abort, "inflight": inflight, "unmatched": unmatched,
+     "absent": absent}[args.scenario](args)
     print("EXIT", flush=True)
 
 

@@ -29,12 +29,12 @@ DESTROY_BOUND_S = 15.0
 START_S = 120  # importing torch in 3 processes on a loaded 2-core machine
 
 
-def _start(children, tmp_path, scenario, *, transport="auto", per_rank=None, stdin_ranks=()):
+def _start(children, tmp_path, scenario, *, transport="auto", per_rank=None, stdin_ranks=(), timeout=60):
     env = dict(os.environ, OMP_NUM_THREADS="1", RINGCC_TRANSPORT=transport)
     init = f"file://{tmp_path / 'store'}"
     for rank in range(WORLD):
         cmd = [sys.executable, WORKER, "--rank", str(rank), "--world", str(WORLD), "--init-method", init,
-               "--scenario", scenario, *(per_rank(rank) if per_rank else ())]
+               "--scenario", scenario, "--timeout", str(timeout), *(per_rank(rank) if per_rank else ())]
         children.append(Child(rank, cmd, cwd=tmp_path, env=env, stdin=rank in stdin_ranks))
 
 
@@ -42,18 +42,19 @@ def _fields(child, word: str, timeout: float = START_S) -> dict:
     return json.loads(child.read_line_starting(word + " ", timeout=timeout)[len(word) + 1:])
 
 
-def _destroyed_and_exited(child) -> None:
-    """destroy_process_group() returned promptly, the process has no thread it did not
-    have before init_process_group() (but the backend's idle settler threads, which end
-    on their own), and it exits 0 by itself."""
-    done = _fields(child, "DESTROYED", timeout=DESTROY_BOUND_S + 30)
-    assert done["seconds"] < DESTROY_BOUND_S, done
+def _destroyed_and_exited(child, bound: float = DESTROY_BOUND_S) -> dict:
+    """destroy_process_group() returned within `bound` seconds, the process has no thread
+    it did not have before init_process_group() (but the backend's idle settler threads,
+    which end on their own), and it exits 0 by itself."""
+    done = _fields(child, "DESTROYED", timeout=bound + 30)
+    assert done["seconds"] < bound, done
     assert set(done["settlers"]) <= {"ringcc-settle"}, done
     before, after = done["threads"]
     assert after - len(done["settlers"]) == before, f"rank {child.rank}: threads before init, after destroy: {done}"
     child.read_line_starting("EXIT", timeout=30)
     out = child.finish(timeout=30)  # interpreter exit: nothing may keep it alive
     assert child.proc.returncode == 0, f"rank {child.rank} exited with {child.proc.returncode}:\n{out}"
+    return done
 
 
 def _no_shm(children) -> None:
@@ -125,4 +126,31 @@ def test_destroy_with_unmatched_async_work(transport, tmp_path, children):
     err = json.loads(errors[0][len("ERROR "):])
     assert err["type"] == "PeerError", err
     assert re.search(r"\brank [12]\b", err["message"]), err
+    _no_shm(children)
+
+
+def test_destroy_with_work_waiting_on_a_stuck_rank(tmp_path, children):
+    # Rank 2 is alive but never joins the all_reduce (its sockets stay open, its pid
+    # exists): destroy_process_group() on the others finishes what is queued, which here
+    # ends at the group's timeout with a TimeoutError naming rank 2, never later.
+    timeout = 5.0
+    _start(children, tmp_path, "absent", timeout=timeout, stdin_ranks=(2,))
+    children[2].read_line_starting("PARKED", timeout=START_S)
+    messages = []
+    for child in children[:2]:
+        done = _destroyed_and_exited(child, bound=timeout + DESTROY_BOUND_S)
+        errors = [line for line in child.lines if line.startswith("ERROR ")]
+        assert errors, child.output()
+        err = json.loads(errors[0][len("ERROR "):])
+        assert err["type"] == "TimeoutError", err
+        assert "timed out after 5 s" in err["message"], err
+        assert re.search(r"still waiting to (receive|send) \d+ bytes (from|to) rank [12]\b", err["message"]), err
+        messages.append(err["message"])
+        print(f"\n[measured] torch: destroy_process_group() with an all_reduce waiting on a stuck rank, rank "
+              f"{child.rank}: returned after {done['seconds']:.3f} s (timeout {timeout} s)")
+    # The first to give up may name only the survivor it waited for; rank 2 is named by
+    # the one that waited for it.
+    assert any(re.search(r"bytes (from|to) rank 2\b", m) for m in messages), messages
+    children[2].send_line("go")
+    _destroyed_and_exited(children[2])
     _no_shm(children)
