@@ -20,6 +20,8 @@ Modes:
                shared-memory segment and listener exist) this rank prints
                "SETUP-PAUSED" and blocks forever, for the parent to kill it there.
                --hold-in-setup: the same, but it goes on when a line arrives on stdin.
+               --abort-on-stdin: a thread calls comm.abort(<the line>) when a line
+               arrives on stdin, while the loop goes on in the main thread.
   peer-gone    two ranks as threads over TCP in this one process: rank 1 aborts and its
                communicator is destroyed, then rank 0 runs a barrier (--async: async_op),
                prints one JSON line about its error, closes and prints "CLOSED".
@@ -218,12 +220,18 @@ def run_loop(args, store) -> None:
                                    timeout=args.timeout)
     except (ringcc.Error, TimeoutError) as exc:  # a rendezvous store timeout is the builtin one
         report_error(exc, "setup", 0)
+    aborter = None
     if comm is not None:
+        if args.abort_on_stdin:
+            aborter = threading.Thread(target=lambda: comm.abort(sys.stdin.readline().strip()), daemon=True)
+            aborter.start()
         loop(comm, args.ops, args.ready_after, args.use_async)
     if args.after_error == "exit":
         os._exit(0)
     if comm is not None:
         comm.close()
+    if aborter is not None:
+        aborter.join(30)  # this test's own thread, not the communicator's
     threads_after = thread_count()
     sockets_after = sum(t.startswith("socket:") for t in fd_targets())
     del comm
@@ -288,6 +296,7 @@ def main() -> None:
     p.add_argument("--ops", choices=sorted(STEPS), default="allreduce")
     p.add_argument("--pause-in-setup", action="store_true")
     p.add_argument("--hold-in-setup", action="store_true")
+    p.add_argument("--abort-on-stdin", action="store_true")
     args = p.parse_args()
     if args.mode == "peer-gone":
         peer_gone(args.use_async)

@@ -183,6 +183,28 @@ def test_frozen_peer_times_out(transport, tmp_path, children):
     _check_no_shm(children)
 
 
+def test_abort_with_operations_running_tells_peers_why(transport, tmp_path, children):
+    # Regression: abort(reason) on a rank whose operation was running sent the peers
+    # only "the communicator was aborted during allreduce(...)": the interrupted
+    # operation told them first, without the reason; and over TCP a peer still sending
+    # got a reset instead of the abort frame. Rank 2 is frozen so that ranks 0 and 1 are
+    # stuck inside an operation when rank 0 aborts from another thread.
+    victim = _start_ranks(children, transport, tmp_path, "--ops", "mixed", "--after-error", "close",
+                          rank0_extra=["--abort-on-stdin"])
+    victim.proc.send_signal(signal.SIGSTOP)
+    try:
+        children[0].send_line("the operator pulled the plug")
+        for child in children[:2]:
+            report = _report(child, timeout=30)  # far below the 60 s timeout: only abort() ends it
+            assert report["type"] == "AbortedError", report
+            assert "rank 0 aborted the communicator: the operator pulled the plug" in report["message"], report
+        for child in children[:2]:
+            _check_closed(child)
+    finally:
+        victim.kill_now()
+    _check_no_shm(children)
+
+
 def test_rank_killed_during_setup(transport, tmp_path, children):
     # Rank 2 stops right after publishing its rendezvous record: its shared-memory
     # segment exists and the others are connecting to it. Killed there it can never

@@ -241,8 +241,17 @@ std::shared_ptr<Work> Communicator::enqueue(OpDesc d, bool inline_if_idle) {
   validate(d);
   std::unique_lock<std::mutex> lock(mu_);
   RINGCC_CHECK_ARG(connected_, "communicator is not connected");
-  if (closed_ || stopping_)
+  if (closed_ || stopping_) {
+    lock.unlock();
+    std::lock_guard<std::mutex> reason_lock(reason_mu_);
+    if (aborted_.load())
+      std::rethrow_exception(make_error(abort_kind_, detail::concat(collective_name(d.kind), ": rank ", rank_,
+                                                                    ": the communicator was aborted earlier: ",
+                                                                    abort_reason_)));
+    if (!user_abort_.empty())
+      RINGCC_THROW(AbortedError, collective_name(d.kind), ": rank ", rank_, ": ", user_abort_);
     RINGCC_THROW(AbortedError, collective_name(d.kind), ": rank ", rank_, ": the communicator is closed");
+  }
   OpHeader h = header_for(d);
   auto work = std::make_shared<Work>(h);
   Queued q{std::move(d), h, work};
@@ -311,14 +320,21 @@ void Communicator::execute(const OpDesc& d, const OpHeader& h) {
 }
 
 void Communicator::fail(AbortKind kind, const std::string& reason) noexcept {
+  std::string text;
   {
     std::lock_guard<std::mutex> lock(reason_mu_);
     if (aborted_.load()) return;
-    abort_reason_ = reason;
+    // An operation cut short by abort() fails first, from its own thread: what the
+    // peers must hear is why abort() was called, not that something was interrupted.
+    if (kind == AbortKind::kUser && !user_abort_.empty() && reason != user_abort_)
+      text = detail::concat(user_abort_, " [", reason, "]");
+    else
+      text = reason;
+    abort_reason_ = text;
     abort_kind_ = kind;
     aborted_.store(true);
   }
-  mesh_.abort(kind, reason);
+  mesh_.abort(kind, text);
 }
 
 void Communicator::progress_loop() {
@@ -590,21 +606,29 @@ void Communicator::check_not_progress_thread(const char* what) const {
 void Communicator::close() {
   check_not_progress_thread("close");
   std::lock_guard<std::mutex> life(lifecycle_mu_);  // one closer joins the thread
+  bool already;
   {
     std::unique_lock<std::mutex> lock(mu_);
-    if (closed_) return;
+    already = closed_;  // also after abort(), which has joined the thread
     closed_ = true;
     stopping_ = true;
   }
-  cv_.notify_all();
-  if (thread_.joinable()) thread_.join();
-  wait_idle();
-  if (!aborted_.load()) mesh_.close();
+  if (!already) {
+    cv_.notify_all();
+    if (thread_.joinable()) thread_.join();
+    wait_idle();
+    if (!aborted_.load()) mesh_.close();
+  }
   mesh_.release();  // nothing can run any more: a closed communicator holds no socket
 }
 
 void Communicator::abort(const std::string& reason) {
   check_not_progress_thread("abort");
+  const std::string text = detail::concat("rank ", rank_, " aborted the communicator: ", reason);
+  {
+    std::lock_guard<std::mutex> lock(reason_mu_);
+    if (user_abort_.empty()) user_abort_ = text;  // before anything can fail because of it
+  }
   // Links belong to the progress thread: interrupt it, let it fail what it runs, join
   // it, and only then tell the peers from this thread.
   interrupted_.store(true);
@@ -620,8 +644,9 @@ void Communicator::abort(const std::string& reason) {
   cv_.notify_all();
   if (thread_.joinable()) thread_.join();
   wait_idle();  // an operation running inline on a caller thread sees interrupted_ soon
-  fail(AbortKind::kUser, detail::concat("rank ", rank_, " aborted the communicator: ", reason));
-  mesh_.release();
+  fail(AbortKind::kUser, text);
+  // The links stay open until close() or destruction: a peer still sending to this rank
+  // reads the abort frame instead of a connection reset.
 }
 
 std::string Communicator::link_kind(int peer) {

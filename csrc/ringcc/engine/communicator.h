@@ -59,9 +59,12 @@ class Communicator {
   // Order is kept: otherwise it is queued like submit().
   std::shared_ptr<Work> run(OpDesc d);
 
-  // Finishes queued operations, then says goodbye to every peer. Idempotent.
+  // Finishes queued operations, says goodbye to every peer and closes the links (also
+  // after abort()). Idempotent.
   void close();
-  // Fails queued and running operations and tells every peer. Idempotent.
+  // Fails queued and running operations and tells every peer, with `reason` (also
+  // when an operation it interrupts fails first). Links stay open until close() or
+  // destruction, so that peers still sending read the reason. Idempotent.
   void abort(const std::string& reason);
   bool is_aborted() const { return aborted_.load(); }
   // The error that aborted the communicator ("" if none).
@@ -127,6 +130,7 @@ class Communicator {
   std::atomic<bool> interrupted_{false};
   std::mutex reason_mu_;
   std::string abort_reason_;
+  std::string user_abort_;  // "rank r aborted the communicator: <reason>", set by abort()
   AbortKind abort_kind_ = AbortKind::kGeneric;
 };
 

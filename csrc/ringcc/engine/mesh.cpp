@@ -663,11 +663,26 @@ void Mesh::release() noexcept {
   if (!released_kinds_.empty()) return;
   std::vector<std::string> kinds;
   for (int p = 0; p < size_; ++p) kinds.push_back(link_kind(p));
+  // A peer still sending to this rank has not read its goodbye or abort frame yet, and
+  // closing with its bytes unread would reset the connection: it would report a lost
+  // connection instead of the reason. So read on while it keeps sending, until it ends
+  // its side, for at most half a second in all; a quiet peer costs nothing.
+  Deadline bound = Deadline::after(0.5);
   for (auto& l : links_) {
     if (l && l->kind() == LinkKind::kTcp) {
       try {
-        const void* p;
-        while (size_t n = l->peek(&p)) l->consume(n);  // unread bytes would turn FIN into RST
+        bool sending = false;
+        for (;;) {
+          const void* p;
+          if (size_t n = l->peek(&p)) {
+            l->consume(n);
+            sending = true;
+            continue;
+          }
+          if (l->eof() || !sending || bound.expired()) break;
+          pollfd pfd{l->poll_fd(false), POLLIN, 0};
+          sending = ::poll(&pfd, 1, 50) > 0;  // quiet for 50 ms: it has stopped sending
+        }
       } catch (const std::exception&) {
         // A reset connection has nothing left to drain.
       }
