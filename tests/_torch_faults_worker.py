@@ -6,7 +6,8 @@ peer dies, aborts, or when the group is destroyed with work in flight.
 Scenarios (every rank prints what happened as ``<WORD> <json>`` lines):
   stream        dist.all_reduce forever (--async: two async_op=True works in flight per
                 step), results checked; "READY" after 20 steps. On an error: "ERROR" (type,
-                message, time.monotonic() of the catch), then destroy_process_group().
+                message, time.monotonic() of the catch), then destroy_process_group()
+                (unless --no-destroy: then the interpreter exits with the group alive).
   abort         the ranks in --blocked enter a collective that cannot finish without
                 the others (--async: an async one, waited on) and print "BLOCKED"; the
                 others wait for a line on stdin, then call torch's
@@ -88,7 +89,8 @@ def stream(args) -> None:
                 print("READY", flush=True)
     except Exception as exc:  # noqa: BLE001 - reported to the parent test
         report_error(exc)
-    destroy()
+    if not args.no_destroy:
+        destroy()
 
 
 def abort(args) -> None:
@@ -166,6 +168,7 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--async", dest="use_async", action="store_true")
     p.add_argument("--blocked", default="")
+    p.add_argument("--no-destroy", action="store_true", help="stream: exit without destroy_process_group()")
     args = p.parse_args()
     global THREADS_BEFORE_INIT
     THREADS_BEFORE_INIT = thread_count()
