@@ -214,12 +214,15 @@ def run_loop(args, store) -> None:
     import ringcc
 
     threads_before, fds_before = thread_count(), len(fd_targets())
-    comm = None
+    comm = setup_error = None
     try:
         comm = ringcc.Communicator(store, args.rank, args.world, name="loop", transport=args.transport,
                                    timeout=args.timeout)
-    except (ringcc.Error, TimeoutError) as exc:  # a rendezvous store timeout is the builtin one
+    except ringcc.Error as exc:
         report_error(exc, "setup", 0)
+        # Kept, traceback and all, until the counts below: the failed communicator's
+        # sockets and fds must be gone even while its error is still referenced.
+        setup_error = exc
     aborter = None
     if comm is not None:
         if args.abort_on_stdin:
@@ -238,6 +241,7 @@ def run_loop(args, store) -> None:
     gc.collect()
     print("CLOSED " + json.dumps({"threads": [threads_before, threads_after], "sockets_after_close": sockets_after,
                                   "fds": [fds_before, len(fd_targets())]}), flush=True)
+    del setup_error
 
 
 class LocalStore:
