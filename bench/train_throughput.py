@@ -147,7 +147,7 @@ def run_rank(a: argparse.Namespace) -> int:
             rs = row["round_samples_per_sec"]
             print(f"{row['variant']:<32} {row['samples_per_sec']:>10.1f} {row['step_ms']:>9.1f} "
                   f"{row['ratio_vs_gloo']:>7.2f}x {min(rs):>8.1f}..{max(rs):<8.1f} {row['last_loss']:>10.4f}")
-        print(f"# median per-round ratio vs gloo: " + ", ".join(
+        print("# median per-round ratio vs gloo: " + ", ".join(
             f"{row['variant']}: {statistics.median(x / y for x, y in zip(row['round_samples_per_sec'], rows[-1]['round_samples_per_sec'])):.2f}x"
             for row in rows[:-1]))
         if a.json:

@@ -4,10 +4,24 @@ Modes:
   collectives  allreduce + allgather + broadcast with a torch.distributed store, once per
                transport in --transport (comma-separated), results checked here; prints
                "OK <rank>" and exits 0 on success.
-  loop         allreduce forever (blocking, or async_op=True + wait() with --async);
-               prints "READY" after --ready-after iterations, and on a ringcc error prints
-               one JSON line describing it, then either closes the communicator and prints
-               "CLOSED" (--after-error close) or leaves at once with os._exit(0) (exit).
+  loop         collectives forever, results checked: allreduce (blocking, or
+               async_op=True + wait() with --async), or with --ops mixed a stream of
+               allreduce, allgather and broadcast (rotating root) with two asynchronous
+               operations in flight behind each blocking one. Prints "READY" after
+               --ready-after iterations. On an error (in the loop, or while creating the
+               communicator) prints one JSON line describing it, with the
+               time.monotonic() at which it was caught (CLOCK_MONOTONIC: the parent can
+               compare it with its own clock); then either leaves at once with
+               os._exit(0) (--after-error exit) or closes the communicator and prints
+               "CLOSED <json>": thread count before the communicator was created and
+               after close(), open sockets after close(), and fd count before and after
+               the communicator was freed.
+               --pause-in-setup: after publishing its rendezvous record (its
+               shared-memory segment and listener exist) this rank prints
+               "SETUP-PAUSED" and blocks forever, for the parent to kill it there.
+               --hold-in-setup: the same, but it goes on when a line arrives on stdin.
+               --abort-on-stdin: a thread calls comm.abort(<the line>) when a line
+               arrives on stdin, while the loop goes on in the main thread.
   peer-gone    two ranks as threads over TCP in this one process: rank 1 aborts and its
                communicator is destroyed, then rank 0 runs a barrier (--async: async_op),
                prints one JSON line about its error, closes and prints "CLOSED".
@@ -19,9 +33,12 @@ the other ranks get that port as --addr.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
+import threading
+import time
 
 import numpy as np
 
@@ -97,30 +114,134 @@ def collectives(comm, transport: str) -> None:
     comm.barrier()
 
 
-def loop(comm, ready_after: int, use_async: bool, after_error: str) -> None:
+class PauseInSetup:
+    """Wraps a store: the first get() of a peer's rendezvous record (this rank's own is
+    published by then) prints "SETUP-PAUSED" and calls `resume` (which may never
+    return) before going on."""
+
+    def __init__(self, store, resume) -> None:
+        self._store = store
+        self._resume = resume
+
+    def set(self, key: str, value: bytes) -> None:
+        self._store.set(key, value)
+
+    def get(self, key: str):
+        if "/info/" in key and self._resume is not None:
+            print("SETUP-PAUSED", flush=True)
+            resume, self._resume = self._resume, None
+            resume()
+        return self._store.get(key)
+
+
+def allreduce_step(comm, i: int, use_async: bool, bufs: dict) -> None:
+    x = bufs.setdefault("x", np.empty(4096, dtype=np.float32))
+    x.fill(1.0)
+    if use_async:
+        comm.allreduce(x, async_op=True).wait()
+    else:
+        comm.allreduce(x)
+    world = comm.world_size
+    assert x[0] == world and x[-1] == world, (x[0], x[-1])
+
+
+def mixed_step(comm, i: int, use_async: bool, bufs: dict) -> None:
+    """Two asynchronous operations in flight while a blocking broadcast queues behind
+    them; sizes on both sides of the small-message path."""
+    rank, world = comm.rank, comm.world_size
+    if not bufs:
+        bufs["a"] = np.empty(70_000, dtype=np.float32)
+        bufs["g_in"] = np.empty(1000, dtype=np.int64)
+        bufs["g_out"] = np.empty((world, 1000), dtype=np.int64)
+        bufs["b"] = np.empty(50_000, dtype=np.int32)
+    a, g_in, g_out, b = bufs["a"], bufs["g_in"], bufs["g_out"], bufs["b"]
+    a.fill(rank + 1)
+    g_in.fill(rank * 1000 + i)
+    b.fill(rank)
+    root = i % world
+    w_reduce = comm.allreduce(a, async_op=True)
+    w_gather = comm.allgather(g_in, out=g_out, async_op=True)
+    comm.broadcast(b, root=root)
+    w_reduce.wait()
+    w_gather.wait()
+    assert a[0] == a[-1] == world * (world + 1) // 2, (a[0], a[-1])
+    assert (g_out[:, 0] == np.arange(world) * 1000 + i).all(), g_out[:, 0]
+    assert b[0] == b[-1] == root, (b[0], b[-1])
+
+
+STEPS = {"allreduce": allreduce_step, "mixed": mixed_step}
+
+
+def report_error(exc: BaseException, phase: str, iterations: int) -> None:
     import ringcc
 
-    world = comm.world_size
-    x = np.empty(4096, dtype=np.float32)
+    print(json.dumps({"type": type(exc).__name__, "is_peer_error": isinstance(exc, ringcc.PeerError),
+                      "is_timeout": isinstance(exc, ringcc.TimeoutError), "message": str(exc),
+                      "phase": phase, "iterations": iterations, "t_error": time.monotonic()}), flush=True)
+
+
+def loop(comm, ops: str, ready_after: int, use_async: bool) -> None:
+    """Runs steps until one raises a ringcc error, and reports it."""
+    import ringcc
+
+    step, bufs = STEPS[ops], {}
     i = 0
     try:
         while True:
-            x.fill(1.0)
-            if use_async:
-                comm.allreduce(x, async_op=True).wait()
-            else:
-                comm.allreduce(x)
-            assert x[0] == world and x[-1] == world, (x[0], x[-1])
+            step(comm, i, use_async, bufs)
             i += 1
             if i == ready_after:
                 print("READY", flush=True)
     except ringcc.Error as exc:
-        print(json.dumps({"type": type(exc).__name__, "is_peer_error": isinstance(exc, ringcc.PeerError),
-                          "message": str(exc), "iterations": i}), flush=True)
-    if after_error == "exit":
+        report_error(exc, "loop", i)
+
+
+def thread_count() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def fd_targets() -> list:
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass  # the fd listdir itself used, closed by now
+    return out
+
+
+def run_loop(args, store) -> None:
+    import ringcc
+
+    threads_before, fds_before = thread_count(), len(fd_targets())
+    comm = setup_error = None
+    try:
+        comm = ringcc.Communicator(store, args.rank, args.world, name="loop", transport=args.transport,
+                                   timeout=args.timeout)
+    except ringcc.Error as exc:
+        report_error(exc, "setup", 0)
+        # Kept, traceback and all, until the counts below: the failed communicator's
+        # sockets and fds must be gone even while its error is still referenced.
+        setup_error = exc
+    aborter = None
+    if comm is not None:
+        if args.abort_on_stdin:
+            aborter = threading.Thread(target=lambda: comm.abort(sys.stdin.readline().strip()), daemon=True)
+            aborter.start()
+        loop(comm, args.ops, args.ready_after, args.use_async)
+    if args.after_error == "exit":
         os._exit(0)
-    comm.close()
-    print("CLOSED", flush=True)
+    if comm is not None:
+        comm.close()
+    if aborter is not None:
+        aborter.join(30)  # this test's own thread, not the communicator's
+    threads_after = thread_count()
+    sockets_after = sum(t.startswith("socket:") for t in fd_targets())
+    del comm
+    gc.collect()
+    print("CLOSED " + json.dumps({"threads": [threads_before, threads_after], "sockets_after_close": sockets_after,
+                                  "fds": [fds_before, len(fd_targets())]}), flush=True)
+    del setup_error
 
 
 class LocalStore:
@@ -137,9 +258,6 @@ class LocalStore:
 
 
 def peer_gone(use_async: bool) -> None:
-    import gc
-    import threading
-
     import ringcc
 
     store, comms = LocalStore(), [None, None]
@@ -179,12 +297,20 @@ def main() -> None:
     p.add_argument("--ready-after", type=int, default=20)
     p.add_argument("--async", dest="use_async", action="store_true")
     p.add_argument("--after-error", choices=["close", "exit"], default="close")
+    p.add_argument("--ops", choices=sorted(STEPS), default="allreduce")
+    p.add_argument("--pause-in-setup", action="store_true")
+    p.add_argument("--hold-in-setup", action="store_true")
+    p.add_argument("--abort-on-stdin", action="store_true")
     args = p.parse_args()
     if args.mode == "peer-gone":
         peer_gone(args.use_async)
         return
 
     store = make_store(args.store, args.addr, args.rank, args.world)
+    if args.pause_in_setup:  # until the parent kills this process
+        store = PauseInSetup(store, threading.Event().wait)
+    elif args.hold_in_setup:  # until the parent writes a line
+        store = PauseInSetup(store, sys.stdin.readline)
     import ringcc
 
     if args.mode == "collectives":
@@ -195,9 +321,7 @@ def main() -> None:
             comm.close()
         print(f"OK {args.rank}", flush=True)
     else:
-        comm = ringcc.Communicator(store, args.rank, args.world, name="loop", transport=args.transport,
-                                   timeout=args.timeout)
-        loop(comm, args.ready_after, args.use_async, args.after_error)
+        run_loop(args, store)
 
 
 if __name__ == "__main__":

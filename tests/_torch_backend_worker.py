@@ -16,7 +16,6 @@ import sys
 import time
 import traceback
 import warnings
-from pathlib import Path
 
 import torch
 import torch.distributed as dist

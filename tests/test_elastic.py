@@ -16,7 +16,6 @@ creation that only some ranks joined.
 from __future__ import annotations
 
 import datetime
-import glob
 import json
 import os
 import subprocess
@@ -33,6 +32,7 @@ if not dist.is_available():
     pytest.skip("torch.distributed is needed", allow_module_level=True)
 
 import ringcc  # noqa: E402 - after the skips
+from proc_helpers import shm_leftovers  # noqa: E402
 
 WORKER = Path(__file__).with_name("_elastic_worker.py")
 JOB_TIMEOUT = 300  # seconds; a hang detector for one torchrun job, far above its run time
@@ -93,7 +93,7 @@ def _assert_clean_teardown(job: Job) -> None:
     # torchrun stops the survivors with SIGTERM and escalates to SIGKILL only when one is
     # still alive 30 s later: that line means a worker hung on its way out.
     assert "forcefully exiting via" not in job.output, job.describe()
-    left = [p for pid in job.pids() for p in glob.glob(f"/dev/shm/ringcc-{pid}-*")]
+    left = shm_leftovers(job.pids())
     assert left == [], left
 
 

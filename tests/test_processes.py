@@ -1,94 +1,30 @@
-"""Ranks as real processes: rendezvous through torch.distributed stores, and a peer
-killed with SIGKILL in the middle of a loop of allreduces."""
+"""Ranks as real processes: rendezvous through torch.distributed stores; a peer killed
+with SIGKILL in the middle of a stream of collectives or during setup, or frozen with
+SIGSTOP; what the survivors raise, how soon, and what they leave behind (threads, fds,
+shared memory)."""
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 import re
-import select
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List
 
 import pytest
+from proc_helpers import Child as _Child
+from proc_helpers import shm_leftovers
+from proc_helpers import children  # noqa: F401 - the fixture
 
 WORKER = str(Path(__file__).with_name("_proc_worker.py"))
 WORLD = 3
 
 
-class Child:
-    """A rank process whose merged stdout/stderr the parent can read line by line."""
-
-    def __init__(self, rank: int, *args: str, cwd: Path):
-        self.rank = rank
-        cmd = [sys.executable, WORKER, "--rank", str(rank), "--world", str(WORLD), *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0,
-                                     cwd=str(cwd))
-        self.pid = self.proc.pid
-        self._buf = b""
-        self.lines: List[str] = []  # every complete line read so far
-
-    def read_line_starting(self, prefix: str, timeout: float) -> str:
-        """Block until a line starting with `prefix` arrives (or EOF / timeout: fail)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            while b"\n" in self._buf:
-                raw, self._buf = self._buf.split(b"\n", 1)
-                line = raw.decode(errors="replace")
-                self.lines.append(line)
-                if line.startswith(prefix):
-                    return line
-            left = deadline - time.monotonic()
-            if left <= 0:
-                pytest.fail(f"rank {self.rank}: no {prefix!r} line within {timeout} s; output so far:\n"
-                            + self.output())
-            ready, _, _ = select.select([self.proc.stdout], [], [], left)
-            if ready:
-                chunk = os.read(self.proc.stdout.fileno(), 65536)
-                if not chunk:
-                    self.proc.wait()
-                    pytest.fail(f"rank {self.rank} exited (rc={self.proc.returncode}) before printing "
-                                f"{prefix!r}; output:\n" + self.output())
-                self._buf += chunk
-
-    def finish(self, timeout: float) -> str:
-        """Wait for exit (fail on a hang) and return everything it printed."""
-        try:
-            rest, _ = self.proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rest, _ = self.proc.communicate()
-            self._buf += rest or b""
-            pytest.fail(f"rank {self.rank} did not finish within {timeout} s (hang); output:\n" + self.output())
-        self._buf += rest or b""
-        return self.output()
-
-    def output(self) -> str:
-        return "\n".join(self.lines + [self._buf.decode(errors="replace")])
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-
-
-@pytest.fixture
-def children():
-    spawned: List[Child] = []
-    yield spawned
-    for c in spawned:  # whatever happened, leave no process behind
-        c.kill()
-        if c.proc.stdout:
-            c.proc.stdout.close()
-
-
-def _shm_leftovers(pids) -> list:
-    return [p for pid in pids for p in glob.glob(f"/dev/shm/ringcc-{pid}-*")]
+def Child(rank: int, *args: str, cwd: Path, stdin: bool = False) -> _Child:  # noqa: N802 - makes one
+    return _Child(rank, [sys.executable, WORKER, "--rank", str(rank), "--world", str(WORLD), *args], cwd=cwd,
+                  stdin=stdin)
 
 
 @pytest.mark.parametrize("store", ["tcp", "file"])
@@ -110,57 +46,208 @@ def test_collectives_across_processes(store, tmp_path, children):
         out = child.finish(timeout=90)
         assert child.proc.returncode == 0, f"rank {child.rank} failed:\n{out}"
         assert f"OK {child.rank}" in out, out
-    assert _shm_leftovers(c.pid for c in children) == []
+    assert shm_leftovers(c.pid for c in children) == []
 
 
-def _start_loop_and_kill_rank2(children, transport, tmp_path, *extra):
+# Bounds below are hang detectors, not speed targets. A killed peer's death must be
+# noticed by the survivors themselves (socket EOF, or its pid gone on shared memory),
+# which takes milliseconds; the bound only has to be clearly below the communicator's
+# timeout so that an error caused by that timeout cannot pass for detection.
+KILL_TIMEOUT_S = 60.0
+KILL_DETECTION_BOUND_S = 15.0
+# A frozen peer (SIGSTOP) keeps its sockets and pid: only the timeout can catch it.
+FREEZE_TIMEOUT_S = 5.0
+# Margin past the timeout for an error caused by it to reach every survivor and be printed.
+TIMEOUT_MARGIN_S = 15.0
+
+
+def _start_ranks(children, transport, tmp_path, *extra, timeout=KILL_TIMEOUT_S, ready=True, victim_extra=(),
+                 rank0_extra=()):
+    """Starts WORLD ranks of the loop worker on a directory store; rank 2 also gets
+    `victim_extra`, rank 0 `rank0_extra` (and a stdin pipe). With `ready`, waits until
+    every rank has run its first iterations."""
     store_dir = tmp_path / "store"
     store_dir.mkdir()
     for rank in range(WORLD):
+        own = {0: rank0_extra, 2: victim_extra}.get(rank, ())
         children.append(Child(rank, "--mode", "loop", "--store", "dir", "--addr", str(store_dir),
-                              "--transport", transport, "--timeout", "60", "--ready-after", "20", *extra,
-                              cwd=tmp_path))
-    for child in children:
-        child.read_line_starting("READY", timeout=60)
-    victim = children[2]
-    victim.proc.send_signal(signal.SIGKILL)
-    victim.proc.wait()  # reap it: a zombie still "exists" for kill(pid, 0)
-    assert victim.proc.returncode == -signal.SIGKILL
+                              "--transport", transport, "--timeout", str(timeout), "--ready-after", "20", *extra,
+                              *own, cwd=tmp_path, stdin=rank == 0))
+    if ready:
+        for child in children:
+            child.read_line_starting("READY", timeout=60)
+    return children[2]
 
 
-def _check_report(child, line):
-    report = json.loads(line)
+def _report(child, timeout: float) -> dict:
+    return json.loads(child.read_line_starting("{", timeout=timeout))
+
+
+def _check_peer_error(report, t_event, *, phase="loop", bound=KILL_DETECTION_BOUND_S, what=""):
+    """The error names the dead rank 2 and arrived within `bound` seconds of its death
+    (by default well before the communicator's timeout could have caused it). Returns
+    the seconds from the kill to the error."""
     assert report["is_peer_error"], report
     assert report["type"] == "PeerError", report
     assert re.search(r"\brank 2\b", report["message"]), report
-    assert report["iterations"] >= 20, report
+    assert report["phase"] == phase, report
+    if phase == "loop":
+        assert report["iterations"] >= 20, report
+    delay = report["t_error"] - t_event
+    assert 0 <= delay < bound, (delay, report)
+    if what:
+        print(f"\n[measured] {what}: kill -9 -> {report['type']} after {delay:.3f} s")
+    return delay
 
 
-def test_killed_peer_fails_survivors(transport, tmp_path, children):
+def _check_closed(child):
+    """After the error and close(): the rank exits 0 with its thread count back to what it
+    was before the communicator, no socket left open, and every fd back once freed."""
+    out = child.finish(timeout=10)  # a hang detector: close() has nothing left to wait for
+    assert child.proc.returncode == 0, f"rank {child.rank} exited with {child.proc.returncode}:\n{out}"
+    closed = [line for line in out.splitlines() if line.startswith("CLOSED ")]
+    assert len(closed) == 1, out
+    res = json.loads(closed[0][len("CLOSED "):])
+    before, after = res["threads"]
+    assert after == before, f"rank {child.rank}: {after} threads after close(), {before} before the communicator"
+    assert res["sockets_after_close"] == 0, res
+    fds_before, fds_after = res["fds"]
+    assert fds_after == fds_before, f"rank {child.rank}: fds {fds_before} before, {fds_after} after: {res}"
+
+
+def _check_no_shm(children):
+    assert shm_leftovers(c.pid for c in children) == []
+
+
+@pytest.mark.parametrize("ops", ["allreduce", "mixed"])
+def test_killed_peer_fails_survivors(transport, ops, tmp_path, children):
     # Survivors leave with os._exit right after reporting: this test is about the error
     # itself (see the next test for what happens when they close).
-    _start_loop_and_kill_rank2(children, transport, tmp_path, "--after-error", "exit")
+    victim = _start_ranks(children, transport, tmp_path, "--ops", ops, "--after-error", "exit")
+    t_kill = victim.kill_now()
     for child in children[:2]:
-        # 30 s is far below the 60 s communicator timeout: only a hang misses it.
-        _check_report(child, child.read_line_starting("{", timeout=30))
+        _check_peer_error(_report(child, timeout=30), t_kill, what=f"{transport} {ops} rank {child.rank}")
         child.finish(timeout=30)
         assert child.proc.returncode == 0, f"rank {child.rank} failed:\n{child.output()}"
-    assert _shm_leftovers(c.pid for c in children) == []
+    _check_no_shm(children)
 
 
-@pytest.mark.parametrize("mode", ["blocking", "async"])
+@pytest.mark.parametrize("mode", ["blocking", "async", "mixed"])
 def test_survivors_close_cleanly_after_peer_death(transport, mode, tmp_path, children):
-    extra = ["--after-error", "close"] + (["--async"] if mode == "async" else [])
-    _start_loop_and_kill_rank2(children, transport, tmp_path, *extra)
+    extra = {"blocking": [], "async": ["--async"], "mixed": ["--ops", "mixed"]}[mode]
+    victim = _start_ranks(children, transport, tmp_path, "--after-error", "close", *extra)
+    t_kill = victim.kill_now()
     for child in children[:2]:
-        _check_report(child, child.read_line_starting("{", timeout=30))
+        _check_peer_error(_report(child, timeout=30), t_kill, what=f"{transport} {mode} rank {child.rank}")
     for child in children[:2]:
-        # Closing an already failed communicator has nothing to wait for: 10 s is a
-        # hang detector, not a speed requirement.
-        out = child.finish(timeout=10)
-        assert child.proc.returncode == 0, f"rank {child.rank} exited with {child.proc.returncode}:\n{out}"
-        assert "CLOSED" in out.splitlines(), out
-    assert _shm_leftovers(c.pid for c in children) == []
+        _check_closed(child)
+    _check_no_shm(children)
+
+
+def test_frozen_peer_times_out(transport, tmp_path, children):
+    # SIGSTOP leaves rank 2's sockets open and its pid alive: nothing but the timeout can
+    # tell the survivors, who must then name what they waited for and from whom.
+    victim = _start_ranks(children, transport, tmp_path, "--ops", "mixed", "--after-error", "close",
+                          timeout=FREEZE_TIMEOUT_S)
+    t_stop = time.monotonic()
+    victim.proc.send_signal(signal.SIGSTOP)
+    try:
+        messages = []
+        for child in children[:2]:
+            report = _report(child, timeout=FREEZE_TIMEOUT_S + TIMEOUT_MARGIN_S + 15)
+            assert report["type"] == "TimeoutError" and report["is_timeout"], report
+            msg = report["message"]
+            assert "timed out after 5 s" in msg, msg
+            # What it waited for and from whom: rank 2, or a survivor that waited for it.
+            assert re.search(r"still waiting to (receive \d+ bytes from|send \d+ bytes to) rank [0-2]\b", msg), msg
+            messages.append(msg)
+            delay = report["t_error"] - t_stop
+            # The operation that was running when rank 2 stopped had started a little
+            # earlier, so its deadline can come slightly before t_stop + timeout.
+            assert delay < FREEZE_TIMEOUT_S + TIMEOUT_MARGIN_S, (delay, report)
+            print(f"\n[measured] {transport} frozen rank 2, rank {child.rank}: SIGSTOP -> TimeoutError after "
+                  f"{delay:.3f} s (timeout {FREEZE_TIMEOUT_S} s)")
+        # The first to give up may only name a survivor it waited for (the frozen rank
+        # held that one up); a survivor that waited for rank 2 itself names it, in its
+        # own report or in the view it adds to the other's.
+        assert any(re.search(r"\bto (receive \d+ bytes from|send \d+ bytes to) rank 2\b", m) for m in messages), \
+            messages
+        for child in children[:2]:
+            _check_closed(child)
+    finally:
+        victim.kill_now()  # SIGKILL ends a stopped process too
+    _check_no_shm(children)
+
+
+def test_abort_with_operations_running_tells_peers_why(transport, tmp_path, children):
+    # Regression: abort(reason) on a rank whose operation was running sent the peers
+    # only "the communicator was aborted during allreduce(...)": the interrupted
+    # operation told them first, without the reason; and over TCP a peer still sending
+    # got a reset instead of the abort frame. Rank 2 is frozen so that ranks 0 and 1 are
+    # stuck inside an operation when rank 0 aborts from another thread.
+    victim = _start_ranks(children, transport, tmp_path, "--ops", "mixed", "--after-error", "close",
+                          rank0_extra=["--abort-on-stdin"])
+    victim.proc.send_signal(signal.SIGSTOP)
+    try:
+        children[0].send_line("the operator pulled the plug")
+        for child in children[:2]:
+            report = _report(child, timeout=30)  # far below the 60 s timeout: only abort() ends it
+            assert report["type"] == "AbortedError", report
+            assert "rank 0 aborted the communicator: the operator pulled the plug" in report["message"], report
+        for child in children[:2]:
+            _check_closed(child)
+    finally:
+        victim.kill_now()
+    _check_no_shm(children)
+
+
+def test_rank_killed_during_setup(transport, tmp_path, children):
+    # Rank 2 stops right after publishing its rendezvous record: its shared-memory
+    # segment exists and the others are connecting to it. Killed there it can never
+    # remove the segment's name itself; the survivors must fail with a PeerError naming
+    # it and remove the orphaned name. On shared memory its pid is watched, so they fail
+    # at once; over TCP it never dialled, so they notice only at the timeout, and then
+    # find its process gone.
+    timeout = 8.0
+    victim = _start_ranks(children, transport, tmp_path, "--after-error", "close", timeout=timeout, ready=False,
+                          victim_extra=["--pause-in-setup"])
+    victim.read_line_starting("SETUP-PAUSED", timeout=60)
+    segments = shm_leftovers([victim.pid])
+    assert len(segments) == (1 if transport == "shm" else 0), segments
+    t_kill = victim.kill_now()
+    for child in children[:2]:
+        report = _report(child, timeout=timeout + TIMEOUT_MARGIN_S + 30)
+        bound = KILL_DETECTION_BOUND_S if transport == "shm" else timeout + TIMEOUT_MARGIN_S
+        _check_peer_error(report, t_kill, phase="setup", bound=bound, what=f"{transport} setup rank {child.rank}")
+        if transport == "tcp":
+            assert re.search(r"timed out after 8 s setting up TCP connections; still waiting for connections from "
+                             r"rank/stream 2/0\b", report["message"]), report
+            assert re.search(r"\brank 2 \(pid \d+\) died during setup", report["message"]), report
+    for child in children[:2]:
+        _check_closed(child)
+    _check_no_shm(children)
+
+
+def test_survivor_that_comes_late_to_a_failed_setup_names_the_dead_rank(tmp_path, children):
+    # Regression: rank 1 fails at once (rank 2 was killed in setup) and frees its
+    # communicator, removing its segment's name; rank 0, still on its way, then cannot
+    # open that segment. It used to blame rank 1 ("cannot open the shared-memory segment
+    # ... of rank 1"); it must name rank 2, whose process is gone.
+    victim = _start_ranks(children, "shm", tmp_path, "--after-error", "close", ready=False,
+                          victim_extra=["--pause-in-setup"], rank0_extra=["--hold-in-setup"])
+    late, first = children[0], children[1]
+    victim.read_line_starting("SETUP-PAUSED", timeout=60)
+    late.read_line_starting("SETUP-PAUSED", timeout=60)
+    t_kill = victim.kill_now()
+    _check_peer_error(_report(first, timeout=30), t_kill, phase="setup", what="shm setup, first survivor")
+    _check_closed(first)  # its communicator is freed: its segment's name is gone
+    late.send_line("go")
+    report = _report(late, timeout=30)
+    assert "of rank 1" in report["message"], report  # what failed here...
+    _check_peer_error(report, t_kill, phase="setup", bound=60)  # ...and why
+    assert re.search(r"\brank 2 \(pid \d+\) died during setup", report["message"]), report
+    _check_closed(late)
+    _check_no_shm(children)
 
 
 @pytest.mark.parametrize("mode", ["blocking", "async"])

@@ -8,18 +8,17 @@ RINGCC_SOAK_SEED=<n> reruns with that seed (or explores others)."""
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 from typing import List
 
 import pytest
 
-from test_processes import Child
+from proc_helpers import Child, shm_leftovers
+from proc_helpers import children  # noqa: F401 - the fixture
 
 WORKER = str(Path(__file__).with_name("_soak_worker.py"))
 WORLD = 4
@@ -43,28 +42,10 @@ CHILD_ENV = {
 }
 
 
-class SoakRank(Child):
-    """A soak rank process; reading its output works as for test_processes' ranks."""
-
-    def __init__(self, rank: int, *args: str, cwd: Path):
-        # Not Child.__init__, which starts test_processes' worker; the same fields.
-        self.rank = rank
-        cmd = [sys.executable, WORKER, "--rank", str(rank), "--world", str(WORLD), *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0,
-                                     cwd=str(cwd), env={**os.environ, **CHILD_ENV})
-        self.pid = self.proc.pid
-        self._buf = b""
-        self.lines: List[str] = []
-
-
-@pytest.fixture
-def ranks():
-    spawned: List[SoakRank] = []
-    yield spawned
-    for c in spawned:  # whatever happened, leave no process behind
-        c.kill()
-        if c.proc.stdout:
-            c.proc.stdout.close()
+def SoakRank(rank: int, *args: str, cwd: Path) -> Child:  # noqa: N802 - makes one
+    """A soak rank process (see proc_helpers.Child for reading its output)."""
+    cmd = [sys.executable, WORKER, "--rank", str(rank), "--world", str(WORLD), *args]
+    return Child(rank, cmd, cwd=cwd, env={**os.environ, **CHILD_ENV})
 
 
 def _spawn(ranks, tmp_path, iterations: int, warmup: int, seed: int, extra=lambda rank: ()):
@@ -73,10 +54,6 @@ def _spawn(ranks, tmp_path, iterations: int, warmup: int, seed: int, extra=lambd
     for rank in range(WORLD):
         ranks.append(SoakRank(rank, "--store-dir", str(store), "--seed", str(seed), "--iterations",
                               str(iterations), "--warmup", str(warmup), *extra(rank), cwd=tmp_path))
-
-
-def _shm_leftovers(pids) -> list:
-    return [p for pid in pids for p in glob.glob(f"/dev/shm/ringcc-{pid}-*")]
 
 
 def _check_flat(stats: dict) -> dict:
@@ -115,42 +92,42 @@ def _soak(ranks, tmp_path, iterations: int, warmup: int, seed: int, hang_timeout
         assert len(lines) == 1, out
         figures.append(_check_flat(json.loads(lines[0][len("STATS "):])))
     assert len({f["ops"] for f in figures}) == 1, figures  # every rank issued the same operations
-    assert _shm_leftovers(c.pid for c in ranks) == []
+    assert shm_leftovers(c.pid for c in ranks) == []
     print(f"\nsoak: {WORLD} ranks, {iterations} iterations (seed {seed}): "
           + "; ".join(json.dumps(f) for f in figures))
     return figures
 
 
-def test_soak(tmp_path, ranks):
+def test_soak(tmp_path, children):
     # About 3,900 operations per rank; a few tens of seconds on a loaded 2-core machine.
-    _soak(ranks, tmp_path, iterations=3000, warmup=300, seed=int(os.environ.get("RINGCC_SOAK_SEED", "1")),
+    _soak(children, tmp_path, iterations=3000, warmup=300, seed=int(os.environ.get("RINGCC_SOAK_SEED", "1")),
           hang_timeout=600)
 
 
 @pytest.mark.slow
-def test_soak_long(tmp_path, ranks):
+def test_soak_long(tmp_path, children):
     # About 40,000 operations per rank.
-    _soak(ranks, tmp_path, iterations=31000, warmup=1000, seed=int(os.environ.get("RINGCC_SOAK_SEED", "2")),
+    _soak(children, tmp_path, iterations=31000, warmup=1000, seed=int(os.environ.get("RINGCC_SOAK_SEED", "2")),
           hang_timeout=3600)
 
 
-def test_soak_reports_a_wrong_result(tmp_path, ranks):
+def test_soak_reports_a_wrong_result(tmp_path, children):
     # The soak's own check: rank 1 changes one element of a result from iteration 40 on.
     # It must fail naming the iteration, operation, dtype and size, and its peers must
     # fail too (aborted) instead of waiting for it.
-    _spawn(ranks, tmp_path, iterations=200, warmup=10, seed=3,
+    _spawn(children, tmp_path, iterations=200, warmup=10, seed=3,
            extra=lambda rank: ("--corrupt-from", "40") if rank == 1 else ())
-    outs = [c.finish(timeout=300) for c in ranks]  # a hang detector, as above
+    outs = [c.finish(timeout=300) for c in children]  # a hang detector, as above
     fail = [line for line in outs[1].splitlines() if line.startswith("FAIL rank 1, iteration ")]
     assert fail, outs[1]
     m = re.match(r"FAIL rank 1, iteration (\d+): (.*)", fail[0])
     assert int(m.group(1)) >= 40, fail[0]
     assert re.search(r"dtype \w+, \d+ elements \(\d+ bytes\) per rank", m.group(2)), fail[0]
     assert re.search(r"Wrong: .*(elements wrong, first at flat index 0|elements off by more than)", m.group(2)), fail[0]
-    for child, out in zip(ranks, outs):
+    for child, out in zip(children, outs):
         assert child.proc.returncode == 1, f"rank {child.rank} exited with {child.proc.returncode}:\n{out}"
         assert "STATS" not in out, out
-    assert _shm_leftovers(c.pid for c in ranks) == []
+    assert shm_leftovers(c.pid for c in children) == []
 
 
 def _stats(after=None, **last) -> dict:

@@ -7,6 +7,8 @@ import secrets
 import time
 from typing import Any, Optional
 
+from ._native import _C
+
 # Bytes of randomness in a job secret (it is stored and used as their hex text).
 SECRET_BYTES = 32
 # Longest pause between two looks at the store while waiting for another rank to join.
@@ -26,7 +28,9 @@ class StoreClient:
     def set(self, key: str, value: str) -> None:
         self._store.set(self._prefix + key, value.encode())
 
-    def get(self, key: str) -> str:
+    def get(self, key: str, what: str = "") -> str:
+        """The value under `key`; ringcc.TimeoutError naming `what` (default: the key)
+        if it does not appear within the timeout."""
         full = self._prefix + key
         if self._blocking:
             return _text(self._store.get(full))
@@ -40,7 +44,8 @@ class StoreClient:
             if value is not None:
                 return _text(value)
             if time.monotonic() > deadline:
-                raise TimeoutError(f"rendezvous: key {full!r} did not appear in the store within {self._timeout} s")
+                label = f"{what} (key {full!r})" if what else f"key {full!r}"
+                raise _C.TimeoutError(f"rendezvous: {label} did not appear in the store within {self._timeout} s")
             time.sleep(delay)  # polling back-off for stores that cannot block
             delay = min(delay * 2, 0.05)
 

@@ -271,6 +271,19 @@ class Communicator:
             handshake_timeout=_seconds(handshake_timeout if handshake_timeout is not None else
                                        _env_float("RINGCC_HANDSHAKE_TIMEOUT", 10.0), "handshake_timeout"),
         )
+        try:
+            self._rendezvous(store, name, rank, world_size)
+        except BaseException as exc:
+            # Free the native side now, not whenever the exception (whose traceback holds
+            # this half-built object) is dropped: peers that mapped this rank's shared
+            # memory learn why at once, and its name, sockets and fds go away.
+            native, self._native = self._native, None
+            native.abort(f"rank {rank} failed to set up: {type(exc).__name__}: {exc}")
+            del native
+            raise
+        _live.add(self)
+
+    def _rendezvous(self, store: Any, name: str, rank: int, world_size: int) -> None:
         # Records of earlier communicators of this name (re-created after an abort, or a
         # torchrun restart whose store still holds the failed attempt's keys, maybe of
         # only some ranks) must never be read: rank 0 hands out a fresh generation.
@@ -280,9 +293,8 @@ class Communicator:
         # Every TCP connection proves it knows this secret; a fresh one per communicator.
         secret = job_secret(store, prefix + "secret", self.timeout, creator=rank == 0) if world_size > 1 else ""
         client.set(f"info/{rank}", self._native.local_info())
-        infos = [client.get(f"info/{r}") for r in range(world_size)]
+        infos = [client.get(f"info/{r}", what=f"the rendezvous record of rank {r}") for r in range(world_size)]
         self._native.connect(_test_unreachable(infos, rank), secret)
-        _live.add(self)
 
     # ------------------------------------------------------------------ helpers
     @property

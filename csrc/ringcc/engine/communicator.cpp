@@ -1,11 +1,15 @@
 #include "ringcc/engine/communicator.h"
 
+#include <errno.h>
 #include <sched.h>
+#include <signal.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
 
 #include "ringcc/common/error.h"
+#include "ringcc/transport/shm/shm_segment.h"
 
 namespace ringcc {
 namespace {
@@ -85,17 +89,15 @@ void Communicator::connect(const std::vector<std::string>& infos, const std::str
     RINGCC_CHECK_ARG(!connected_, "communicator is already connected");
   }
   Deadline deadline = Deadline::after(options_.timeout_seconds);
-  mesh_.connect(infos, secret, deadline);
-  // Nobody may remove its shared-memory name before every peer has mapped it.
-  OpHeader setup;
-  setup.kind = Collective::kConnect;
-  OpContext ctx = make_context(setup, deadline);
   try {
+    mesh_.connect(infos, secret, deadline);
+    // Nobody may remove its shared-memory name before every peer has mapped it.
+    OpHeader setup;
+    setup.kind = Collective::kConnect;
+    OpContext ctx = make_context(setup, deadline);
     algorithms::barrier(ctx);
-  } catch (const RemoteAbort& ra) {
-    // Peers that finished setup already failed (e.g. mismatched first calls): raise
-    // their error, with its type, from this rank's constructor.
-    std::rethrow_exception(make_error(ra.kind, ra.text));
+  } catch (...) {
+    setup_failed(infos, std::current_exception());
   }
   mesh_.finish_setup();
   cpu_set_t cpus;
@@ -239,8 +241,17 @@ std::shared_ptr<Work> Communicator::enqueue(OpDesc d, bool inline_if_idle) {
   validate(d);
   std::unique_lock<std::mutex> lock(mu_);
   RINGCC_CHECK_ARG(connected_, "communicator is not connected");
-  if (closed_ || stopping_)
+  if (closed_ || stopping_) {
+    lock.unlock();
+    std::lock_guard<std::mutex> reason_lock(reason_mu_);
+    if (aborted_.load())
+      std::rethrow_exception(make_error(abort_kind_, detail::concat(collective_name(d.kind), ": rank ", rank_,
+                                                                    ": the communicator was aborted earlier: ",
+                                                                    abort_reason_)));
+    if (!user_abort_.empty())
+      RINGCC_THROW(AbortedError, collective_name(d.kind), ": rank ", rank_, ": ", user_abort_);
     RINGCC_THROW(AbortedError, collective_name(d.kind), ": rank ", rank_, ": the communicator is closed");
+  }
   OpHeader h = header_for(d);
   auto work = std::make_shared<Work>(h);
   Queued q{std::move(d), h, work};
@@ -309,14 +320,21 @@ void Communicator::execute(const OpDesc& d, const OpHeader& h) {
 }
 
 void Communicator::fail(AbortKind kind, const std::string& reason) noexcept {
+  std::string text;
   {
     std::lock_guard<std::mutex> lock(reason_mu_);
     if (aborted_.load()) return;
-    abort_reason_ = reason;
+    // An operation cut short by abort() fails first, from its own thread: what the
+    // peers must hear is why abort() was called, not that something was interrupted.
+    if (kind == AbortKind::kUser && !user_abort_.empty() && reason != user_abort_)
+      text = detail::concat(user_abort_, " [", reason, "]");
+    else
+      text = reason;
+    abort_reason_ = text;
     abort_kind_ = kind;
     aborted_.store(true);
   }
-  mesh_.abort(kind, reason);
+  mesh_.abort(kind, text);
 }
 
 void Communicator::progress_loop() {
@@ -367,35 +385,116 @@ void Communicator::run_one(Queued& q) {
   q.work->finish(guarded([&] { execute(q.desc, q.header); }));
 }
 
+namespace {
+
+// The abort kind and text of a failure; false for exceptions that are not communication
+// errors (bad arguments and the like), which keep their own type.
+bool classify(std::exception_ptr error, AbortKind* kind, std::string* text) {
+  *kind = AbortKind::kGeneric;
+  bool comm_error = true;
+  try {
+    std::rethrow_exception(error);
+  } catch (const RemoteAbort& ra) {
+    *kind = ra.kind;
+    *text = ra.text;
+  } catch (const TimeoutError& e) {
+    *kind = AbortKind::kTimeout;
+    *text = e.what();
+  } catch (const MismatchError& e) {
+    *kind = AbortKind::kMismatch;
+    *text = e.what();
+  } catch (const PeerError& e) {
+    *kind = AbortKind::kPeer;
+    *text = e.what();
+  } catch (const AbortedError& e) {
+    *kind = AbortKind::kUser;
+    *text = e.what();
+  } catch (const Error& e) {
+    *text = e.what();
+  } catch (const std::exception& e) {
+    *text = e.what();
+    comm_error = false;
+  } catch (...) {
+    comm_error = false;
+  }
+  if (text->empty()) *text = "unknown error";
+  return comm_error;
+}
+
+// One field of a rendezvous record ("k=v;k=v;..."), "" if absent.
+std::string record_field(const std::string& record, const std::string& key) {
+  size_t at = 0;
+  while (at <= record.size()) {
+    size_t end = record.find(';', at);
+    if (end == std::string::npos) end = record.size();
+    if (record.compare(at, key.size() + 1, key + "=") == 0)
+      return record.substr(at + key.size() + 1, end - at - key.size() - 1);
+    at = end + 1;
+  }
+  return "";
+}
+
+}  // namespace
+
 std::exception_ptr Communicator::guarded(const std::function<void()>& body) {
-  AbortKind kind = AbortKind::kGeneric;
+  AbortKind kind;
   std::string text;
   try {
     body();
     return nullptr;
-  } catch (const RemoteAbort& ra) {
-    kind = ra.kind;
-    text = ra.text;
-  } catch (const TimeoutError& e) {
-    kind = AbortKind::kTimeout;
-    text = e.what();
-  } catch (const MismatchError& e) {
-    kind = AbortKind::kMismatch;
-    text = e.what();
-  } catch (const PeerError& e) {
-    kind = AbortKind::kPeer;
-    text = e.what();
-  } catch (const AbortedError& e) {
-    kind = AbortKind::kUser;
-    text = e.what();
-  } catch (const std::exception& e) {
-    text = e.what();
+  } catch (...) {
+    classify(std::current_exception(), &kind, &text);
   }
-  if (text.empty()) text = "unknown error";
   // Tell every peer first, so ranks blocked elsewhere fail now, not at their timeout.
   fail(kind, text);  // noexcept: Mesh::abort never throws
   std::lock_guard<std::mutex> lock(reason_mu_);
   return make_error(abort_kind_, abort_reason_);
+}
+
+std::vector<std::pair<int, int>> Communicator::reap_dead_local_peers(const std::vector<std::string>& infos) {
+  const std::string own_host = record_field(local_info(), "host");
+  std::vector<std::pair<int, int>> dead;
+  for (int r = 0; r < size_ && r < static_cast<int>(infos.size()); ++r) {
+    const std::string& info = infos[r];
+    if (r == rank_ || record_field(info, "host") != own_host) continue;
+    int pid = 0;
+    try {
+      pid = std::stoi(record_field(info, "pid"));
+    } catch (const std::exception&) {
+      continue;  // a malformed record: setup already says so
+    }
+    if (pid <= 0 || pid == getpid() || kill(pid, 0) == 0 || errno != ESRCH) continue;
+    dead.emplace_back(r, pid);
+    const std::string shm = record_field(info, "shm");
+    if (!shm.empty()) transport::shm::remove_orphaned_segment(shm, r, size_);
+  }
+  return dead;
+}
+
+void Communicator::setup_failed(const std::vector<std::string>& infos, std::exception_ptr error) {
+  // A rank killed during setup never removes its shared-memory name: whoever sees the
+  // setup fail removes those of same-host peers that are gone, and names them, since
+  // what failed here may only be a consequence (a peer that gave up before this rank
+  // mapped its segment, a connection that never came).
+  const auto dead = reap_dead_local_peers(infos);
+  AbortKind kind;
+  std::string text;
+  if (!classify(error, &kind, &text)) {
+    fail(AbortKind::kGeneric, detail::concat("rank ", rank_, ": setup failed: ", text));
+    std::rethrow_exception(error);  // e.g. invalid_argument: keeps its type
+  }
+  std::string note;
+  for (auto [r, pid] : dead)
+    if (text.find(detail::concat("rank ", r, " died")) == std::string::npos &&
+        text.find(detail::concat("rank ", r, " (pid ")) == std::string::npos)
+      note += detail::concat(note.empty() ? "" : ", ", "rank ", r, " (pid ", pid, ")");
+  if (!note.empty()) {
+    text += detail::concat(" [", note, " died during setup: no such process on this host]");
+    if (kind == AbortKind::kGeneric || kind == AbortKind::kTimeout) kind = AbortKind::kPeer;
+  }
+  // Peers still in setup fail at once with this reason instead of at their timeout.
+  fail(kind, text);
+  std::rethrow_exception(make_error(kind, text));
 }
 
 namespace {
@@ -507,20 +606,29 @@ void Communicator::check_not_progress_thread(const char* what) const {
 void Communicator::close() {
   check_not_progress_thread("close");
   std::lock_guard<std::mutex> life(lifecycle_mu_);  // one closer joins the thread
+  bool already;
   {
     std::unique_lock<std::mutex> lock(mu_);
-    if (closed_) return;
+    already = closed_;  // also after abort(), which has joined the thread
     closed_ = true;
     stopping_ = true;
   }
-  cv_.notify_all();
-  if (thread_.joinable()) thread_.join();
-  wait_idle();
-  if (!aborted_.load()) mesh_.close();
+  if (!already) {
+    cv_.notify_all();
+    if (thread_.joinable()) thread_.join();
+    wait_idle();
+    if (!aborted_.load()) mesh_.close();
+  }
+  mesh_.release();  // nothing can run any more: a closed communicator holds no socket
 }
 
 void Communicator::abort(const std::string& reason) {
   check_not_progress_thread("abort");
+  const std::string text = detail::concat("rank ", rank_, " aborted the communicator: ", reason);
+  {
+    std::lock_guard<std::mutex> lock(reason_mu_);
+    if (user_abort_.empty()) user_abort_ = text;  // before anything can fail because of it
+  }
   // Links belong to the progress thread: interrupt it, let it fail what it runs, join
   // it, and only then tell the peers from this thread.
   interrupted_.store(true);
@@ -536,7 +644,15 @@ void Communicator::abort(const std::string& reason) {
   cv_.notify_all();
   if (thread_.joinable()) thread_.join();
   wait_idle();  // an operation running inline on a caller thread sees interrupted_ soon
-  fail(AbortKind::kUser, detail::concat("rank ", rank_, " aborted the communicator: ", reason));
+  fail(AbortKind::kUser, text);
+  // The links stay open until close() or destruction: a peer still sending to this rank
+  // reads the abort frame instead of a connection reset.
+}
+
+std::string Communicator::link_kind(int peer) {
+  RINGCC_CHECK_ARG(peer >= 0 && peer < size_, "peer ", peer, " is out of range for ", size_, " ranks");
+  std::lock_guard<std::mutex> life(lifecycle_mu_);  // not while close() releases the links
+  return mesh_.link_kind(peer);
 }
 
 void Communicator::wait_idle() {

@@ -16,6 +16,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "ringcc/algorithms/algorithms.h"
@@ -46,7 +47,8 @@ class Communicator {
   // Connects to every peer (proving knowledge of the job `secret` on every TCP
   // connection), runs the setup barrier and starts the progress thread.
   void connect(const std::vector<std::string>& infos, const std::string& secret);
-  std::string link_kind(int peer) const { return mesh_.link_kind(peer); }
+  // "shm", "tcp" or "self"; also after close().
+  std::string link_kind(int peer);
 
   // Validates `d` (throws std::invalid_argument / DtypeError at once, nothing queued)
   // and queues it for the progress thread.
@@ -57,9 +59,12 @@ class Communicator {
   // Order is kept: otherwise it is queued like submit().
   std::shared_ptr<Work> run(OpDesc d);
 
-  // Finishes queued operations, then says goodbye to every peer. Idempotent.
+  // Finishes queued operations, says goodbye to every peer and closes the links (also
+  // after abort()). Idempotent.
   void close();
-  // Fails queued and running operations and tells every peer. Idempotent.
+  // Fails queued and running operations and tells every peer, with `reason` (also
+  // when an operation it interrupts fails first). Links stay open until close() or
+  // destruction, so that peers still sending read the reason. Idempotent.
   void abort(const std::string& reason);
   bool is_aborted() const { return aborted_.load(); }
   // The error that aborted the communicator ("" if none).
@@ -78,6 +83,12 @@ class Communicator {
   // Runs `body`; if it throws, aborts the communicator (telling every peer) and returns
   // the error each affected Work gets. nullptr when `body` succeeded.
   std::exception_ptr guarded(const std::function<void()>& body);
+  // A failed connect(): removes the shared-memory names of same-host peers that died,
+  // tells the peers, and throws the error (naming the dead ranks). Never returns.
+  [[noreturn]] void setup_failed(const std::vector<std::string>& infos, std::exception_ptr error);
+  // (rank, pid) of the same-host peers in `infos` whose process is gone; removes their
+  // segment names.
+  std::vector<std::pair<int, int>> reap_dead_local_peers(const std::vector<std::string>& infos);
   OpContext make_context(const OpHeader& h, const Deadline& deadline);
   void execute(const OpDesc& d, const OpHeader& h);
   void fail(AbortKind kind, const std::string& reason) noexcept;
@@ -119,6 +130,7 @@ class Communicator {
   std::atomic<bool> interrupted_{false};
   std::mutex reason_mu_;
   std::string abort_reason_;
+  std::string user_abort_;  // "rank r aborted the communicator: <reason>", set by abort()
   AbortKind abort_kind_ = AbortKind::kGeneric;
 };
 

@@ -519,6 +519,7 @@ int Mesh::local_ranks() const {
 }
 
 std::string Mesh::link_kind(int peer) const {
+  if (!released_kinds_.empty()) return released_kinds_[peer];
   if (peer == rank_ || !links_[peer]) return "self";
   return links_[peer]->kind() == LinkKind::kShm ? "shm" : "tcp";
 }
@@ -656,6 +657,40 @@ void Mesh::close() noexcept {
       // A reset connection has nothing left to drain.
     }
   }
+}
+
+void Mesh::release() noexcept {
+  if (!released_kinds_.empty()) return;
+  std::vector<std::string> kinds;
+  for (int p = 0; p < size_; ++p) kinds.push_back(link_kind(p));
+  // A peer still sending to this rank has not read its goodbye or abort frame yet, and
+  // closing with its bytes unread would reset the connection: it would report a lost
+  // connection instead of the reason. So read on while it keeps sending, until it ends
+  // its side, for at most half a second in all; a quiet peer costs nothing.
+  Deadline bound = Deadline::after(0.5);
+  for (auto& l : links_) {
+    if (l && l->kind() == LinkKind::kTcp) {
+      try {
+        bool sending = false;
+        for (;;) {
+          const void* p;
+          if (size_t n = l->peek(&p)) {
+            l->consume(n);
+            sending = true;
+            continue;
+          }
+          if (l->eof() || !sending || bound.expired()) break;
+          pollfd pfd{l->poll_fd(false), POLLIN, 0};
+          sending = ::poll(&pfd, 1, 50) > 0;  // quiet for 50 ms: it has stopped sending
+        }
+      } catch (const std::exception&) {
+        // A reset connection has nothing left to drain.
+      }
+    }
+    l.reset();
+  }
+  listener_.reset();
+  released_kinds_ = std::move(kinds);
 }
 
 }  // namespace ringcc

@@ -69,6 +69,10 @@ class Mesh {
   void abort(AbortKind kind, const std::string& reason) noexcept;
   // Tells every peer this rank will send nothing more (never throws).
   void close() noexcept;
+  // After close() or abort(), once no operation can run: closes the sockets (unread
+  // bytes drained first, so peers see an orderly end) and unmaps the peers' segments.
+  // link_kind() still answers; link() returns nullptr. Never throws.
+  void release() noexcept;
 
  private:
   void send_control_frame(transport::Link* link, FrameType type, AbortKind kind,
@@ -83,6 +87,7 @@ class Mesh {
   std::optional<transport::shm::Segment> segment_;
   std::unique_ptr<transport::tcp::Listener> listener_;
   std::vector<std::unique_ptr<transport::Link>> links_;
+  std::vector<std::string> released_kinds_;  // link_kind() per peer after release()
   int interrupt_fd_ = -1;
   std::atomic<bool> ended_{false};
 };

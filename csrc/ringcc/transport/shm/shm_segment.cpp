@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <linux/futex.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -243,6 +244,28 @@ void Mapping::unlink() {
     shm_unlink(name_.c_str());
     unlinked_ = true;
   }
+}
+
+bool remove_orphaned_segment(const std::string& name, int expected_rank, int world_size) noexcept {
+  if (name.rfind("/ringcc-", 0) != 0) return false;  // never someone else's object
+  int fd = shm_open(name.c_str(), O_RDONLY, 0);
+  if (fd < 0) return false;  // already gone
+  struct stat st {};
+  void* base = MAP_FAILED;
+  if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == geteuid() &&
+      st.st_size >= static_cast<off_t>(control_bytes()))
+    base = mmap(nullptr, control_bytes(), PROT_READ, MAP_SHARED, fd, 0);
+  close(fd);
+  if (base == MAP_FAILED) return false;
+  const auto* c = static_cast<const ControlBlock*>(base);
+  std::atomic_thread_fence(std::memory_order_acquire);
+  const bool ours = c->magic == kSegmentMagic && c->rank == static_cast<uint32_t>(expected_rank) &&
+                    c->world_size == static_cast<uint32_t>(world_size);
+  const pid_t pid = c->pid;
+  munmap(base, control_bytes());
+  // ESRCH: no such process. EPERM would mean it exists (as another user).
+  const bool gone = ours && pid > 0 && pid != getpid() && kill(pid, 0) != 0 && errno == ESRCH;
+  return gone && shm_unlink(name.c_str()) == 0;
 }
 
 void wait_doorbell(ControlBlock* own, uint32_t seen, long timeout_ns) {

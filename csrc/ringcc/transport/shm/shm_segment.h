@@ -7,6 +7,8 @@
 //
 // The segment name is unlinked as soon as every peer has mapped it (end of
 // communicator setup): nothing is left in /dev/shm even if a process is killed later.
+// A process killed during setup leaves its name behind; the peers whose setup then
+// fails remove it (remove_orphaned_segment).
 #pragma once
 
 #include <atomic>
@@ -104,6 +106,12 @@ class Mapping {
   bool owner_ = false;
   bool unlinked_ = false;
 };
+
+// Removes the name of rank `expected_rank`'s segment if its owner process is gone: a
+// rank killed during setup, before it could remove the name itself. Only a ringcc
+// segment of this user whose control block names that rank and a pid that no longer
+// exists is removed. Returns whether it was; never throws.
+bool remove_orphaned_segment(const std::string& name, int expected_rank, int world_size) noexcept;
 
 // Waits on the owner's doorbell while it still equals `seen`, at most `timeout_ns`.
 void wait_doorbell(ControlBlock* own, uint32_t seen, long timeout_ns);
