@@ -375,7 +375,8 @@ void Communicator::run_one(Queued& q) {
     q.work->finish(aborted_.load()
                        ? make_error(abort_kind_, "the communicator was aborted earlier: " + abort_reason_)
                        : make_error(AbortKind::kUser,
-                                    describe(q.header) + " was cancelled: the communicator is being aborted"));
+                                    describe(q.header) + " was cancelled: " +
+                                        (user_abort_.empty() ? "the communicator is being aborted" : user_abort_)));
     return;
   }
   if (q.desc.kind == Collective::kSendRecv) {
