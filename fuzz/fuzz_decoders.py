@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 import struct
 import sys
 import tempfile
 import threading
+import zlib
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -46,6 +48,20 @@ MAX_KEY_ELEMENTS = 1 << 28  # ps_protocol.h kMaxKeyElements
 MAX_DISCARD = MAX_KEY_ELEMENTS * 4 + 4096  # ps_protocol.h kMaxDiscardBytes: most a server reads of a refused body
 PS_TYPES = {"HELLO": 1, "REGISTER": 2, "INIT": 3, "PUSH_PULL": 4, "PULL": 5, "SHUTDOWN": 6, "SHM_PROBE": 7,
             "SHM_ATTACH": 8, "AUTH": 9, "OK": 16, "DATA": 17, "ERROR": 18, "CHALLENGE": 19}
+
+
+# The native decoders are not compiled for coverage; what the fuzzer learns from them is
+# which check refused an input. Each distinct refusal (its type and text, numbers and
+# quoted input left out) calls one of these functions, which are instrumented when
+# fuzzing, so an input that gets past one more check counts as new coverage.
+_BUCKETS = 1024
+_OUTCOMES: List[Callable[[], None]] = [lambda: None] * _BUCKETS
+_VARYING = re.compile(r"'[^']*'|0x[0-9a-f]+|\d+")
+
+
+def refused(e: BaseException) -> None:
+    key = type(e).__name__ + _VARYING.sub("#", str(e))
+    _OUTCOMES[zlib.crc32(key.encode()) % _BUCKETS]()
 
 
 def u8(data: bytes, i: int) -> int:
@@ -65,8 +81,8 @@ def t_frame_header(data: bytes) -> None:
     sender, msg = u8(data, 0), data[1:]
     try:
         h = F.frame_header(msg, sender)
-    except ALLOWED:
-        return
+    except ALLOWED as e:
+        return refused(e)
     assert h["sender"] == sender, h
     cap = {1: F.MAX_FRAME_PAYLOAD, 2: F.MAX_ABORT_TEXT, 3: 0}[h["type"]]
     assert h["payload_bytes"] <= cap, h
@@ -78,8 +94,8 @@ def t_abort_frame(data: bytes) -> None:
     sender, msg = u8(data, 0), data[1:]
     try:
         got = F.abort_frame(msg, sender)
-    except ALLOWED:
-        return
+    except ALLOWED as e:
+        return refused(e)
     if got is not None:
         kind, text = got
         assert 0 <= kind <= 4 and len(text) <= 4 * F.MAX_ABORT_TEXT, got
@@ -104,8 +120,8 @@ def t_record(data: bytes) -> None:
     rank, line = u8(data, 0), data[1:]
     try:
         p = F.rendezvous_record(line, rank)
-    except ALLOWED:
-        return
+    except ALLOWED as e:
+        return refused(e)
     assert len(line) <= F.MAX_RECORD_BYTES and p["rank"] == rank, p
     assert 1 <= p["streams"] <= 64 and p["pid"] >= 1 and len(p["host"]) <= 1024, p
     assert p["nonce"] < 1 << 64 and (p["shm"] == "" or p["shm"].startswith("/ringcc-")), p
@@ -122,8 +138,8 @@ def t_mesh_hello(data: bytes) -> None:
     use_tcp = [bool(u8(data, 3) >> r & 1) for r in range(size)]
     try:
         got = F.mesh_hello(data[4:], rank, size, streams, use_tcp)
-    except ALLOWED:
-        return
+    except ALLOWED as e:
+        return refused(e)
     if got is not None:
         frm, stream = got
         assert rank < frm < size and use_tcp[frm] and 0 <= stream < streams, (got, rank, size, streams)
@@ -133,8 +149,8 @@ def t_address(data: bytes) -> None:
     """A "host:port" string."""
     try:
         host, port = F.address(data)
-    except ALLOWED:
-        return
+    except ALLOWED as e:
+        return refused(e)
     assert 1 <= port <= 65535 and 0 < len(host) < len(data), (host, port)
 
 
@@ -145,8 +161,8 @@ def t_segment_header(data: bytes) -> None:
     file_size = le(data, 2, 8)
     try:
         ring = F.segment_header(data[10:], file_size, rank, world)
-    except ALLOWED:
-        return
+    except ALLOWED as e:
+        return refused(e)
     assert 4096 <= ring <= 1 << 30 and ring % 64 == 0 and file_size < 1 << 40, (ring, file_size)
 
 
@@ -155,8 +171,8 @@ def t_ring_fill(data: bytes) -> None:
     head, tail, cap = le(data, 0, 8), le(data, 8, 8), le(data, 16, 8)
     try:
         fill = F.ring_fill(head, tail, cap)
-    except ALLOWED:
-        return
+    except ALLOWED as e:
+        return refused(e)
     assert fill <= cap and (head + fill) % (1 << 64) == tail, (head, tail, cap, fill)
 
 
@@ -164,8 +180,8 @@ def t_ps_header(data: bytes) -> None:
     """A 64-byte parameter-server header."""
     try:
         h = F.ps_header(data)
-    except ALLOWED:
-        return
+    except ALLOWED as e:
+        return refused(e)
     assert h["type"] in PS_TYPES and h["flags"] in (0, 1), h
 
 
@@ -181,8 +197,8 @@ def t_ps_request(data: bytes) -> None:
     try:
         d = F.ps_request(msg, bool(bits & 1), bool(bits & 2), bool(bits & 4), bool(bits & 8), region,
                          bool(bits & 16), key)
-    except ALLOWED:
-        return
+    except ALLOWED as e:
+        return refused(e)
     if not d["accepted"]:
         assert 0 <= d["error_code"] <= 7 and d["error"], d
         return
@@ -202,8 +218,8 @@ def t_ps_reply(data: bytes) -> None:
     req, rep = data[4:4 + PS_HDR], data[4 + PS_HDR:]
     try:
         d = F.ps_reply(rep, req, region)
-    except ALLOWED:
-        return
+    except ALLOWED as e:
+        return refused(e)
     n = d["payload_bytes"]
     if d["type"] == "ERROR":
         assert n <= F.MAX_ERROR_TEXT and not d["flags"], d
@@ -566,13 +582,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         lf.append(f"-max_total_time={args.seconds}")
     if args.runs is not None:
         lf.append(f"-runs={args.runs}")
-    # Coverage comes from the harness's own Python code (the native decoders are not
-    # instrumented): each sub-target branches on what its decoder returned, and with
-    # value profiling atheris also feeds the comparisons made there back to libFuzzer.
+    # Coverage comes from the harness's Python code: the sub-targets' branches on what
+    # their decoder returned, the refusal reasons (see refused()), and, with value
+    # profiling, the comparisons made there.
     global TARGETS
     TARGETS = [(name, atheris.instrument_func(fn)) for name, fn in TARGETS]
-    for fn in (u8, le, test_one_input):
+    for fn in (u8, le, refused, test_one_input):
         atheris.instrument_func(fn)
+    _OUTCOMES[:] = [atheris.instrument_func(eval("lambda: None")) for _ in range(_BUCKETS)]  # distinct code objects
     atheris.Setup(lf + extra, test_one_input)
     atheris.Fuzz()
     return 0

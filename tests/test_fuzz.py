@@ -303,7 +303,7 @@ def test_decoder_bounds_by_example():
 # --------------------------------------------------------------------------- rendezvous records
 
 
-@pytest.mark.parametrize("bad, why", [
+RECORD_CASES = [
     (record(streams=1000), "streams is not a number in 1..64"),
     (record(streams=0), "streams is not a number in 1..64"),
     (record(pid=0), "pid is not a process id"),
@@ -321,7 +321,10 @@ def test_decoder_bounds_by_example():
     (record() + b";pid=3", "field 'pid' appears twice"),
     (record().replace(b"nonce=", b"nonce"), "an item without '='"),
     (record().replace(b"v=2", b"v=9"), "not from a compatible ringcc version"),
-])
+]
+
+
+@pytest.mark.parametrize("bad, why", RECORD_CASES, ids=[why for _, why in RECORD_CASES])
 def test_forged_rendezvous_record_is_refused_by_name(bad, why):
     """Rank 1's record in the store is not something ringcc wrote: rank 0's constructor
     raises PeerError naming rank 1 and the field (before: 'stoi' ValueErrors, or values
@@ -469,7 +472,7 @@ def test_oversized_frame_header_mid_operation_fails_the_call_and_rank_0_exits_cl
         fake.close()
 
 
-@pytest.mark.parametrize("payload, text", [(1 << 40, b""), (4097, b"x" * 4097)])
+@pytest.mark.parametrize("payload, text", [(1 << 40, b""), (4097, b"x" * 4097)], ids=["2^40", "4097"])
 def test_oversized_abort_text_is_a_protocol_error(payload, text):
     """An abort frame announcing more than 4 KiB of text: PeerError naming rank 1
     (before: a bare ValueError 'oversized abort text', raised as ringcc.Error)."""
@@ -730,26 +733,57 @@ def _ps_round_works(store):
             c.close()
 
 
-@pytest.mark.parametrize("mtype, payload", [(1, 32), (9, 32), (2, 5)])
-def test_ps_unauthenticated_message_with_shm_flag_is_refused_and_the_server_keeps_serving(capfd, mtype, payload):
+# A parameter server in a process of its own, so that a crash is this test's failure.
+PS_SERVER = """
+import torch.distributed as dist
+from ringcc import ps
+store = dist.HashStore()
+server = ps.Server(store, 0, 1, 1, listen_host="127.0.0.1").start()
+print(server.address, store.get("ps/secret").decode(), flush=True)
+server.wait()
+server.stop()
+"""
+
+
+@pytest.mark.parametrize("mtype, payload", [(1, 32), (9, 32), (2, 5)], ids=["HELLO", "AUTH", "REGISTER"])
+def test_ps_unauthenticated_message_with_shm_flag_is_refused_and_the_server_keeps_serving(mtype, payload):
     """HELLO (or AUTH, REGISTER) claiming its payload is in shared memory, before any
     proof: ERROR kAuth and a closed connection, logged (before: the server copied the
-    challenge out of an empty body and crashed). A real worker is then served."""
-    store = MemoryStore()
-    servers = start_servers(store, 1, 1)
+    challenge out of an empty body and died of a segmentation fault). A real worker is
+    then served and the server exits normally."""
+    import torch.distributed as dist
+
+    proc = subprocess.Popen([sys.executable, "-c", PS_SERVER], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     try:
-        host, port = servers[0].address.rsplit(":", 1)
-        with socket.create_connection((host, int(port)), timeout=WAIT) as s:
-            s.sendall(ps_header(mtype, numel=1, payload=payload, flags=1))
-            rtype, code, body = raw_reply(s)
-            assert (rtype, code) == (18, 4), (rtype, code, body)
-            assert b"only INIT and PUSH_PULL payloads may travel in shared memory" in body
-            assert s.recv(1) == b""  # closed
-        _ps_round_works(store)
-        assert servers[0].wait(WAIT)  # ended normally: its one worker shut down
+        addr, token = proc.stdout.readline().split()
+        host, port = addr.rsplit(":", 1)
+        try:
+            with socket.create_connection((host, int(port)), timeout=WAIT) as s:
+                s.sendall(ps_header(mtype, numel=1, payload=payload, flags=1))
+                rtype, code, body = raw_reply(s)
+                assert s.recv(1) == b""  # closed
+        except (ConnectionError, OSError) as e:
+            proc.wait(WAIT)
+            raise AssertionError(f"the server died (exit {proc.returncode}): {proc.stderr.read()[-2000:]}") from e
+        assert (rtype, code) == (18, 4), (rtype, code, body)
+        assert b"only INIT and PUSH_PULL payloads may travel in shared memory" in body
+        store = dist.HashStore()
+        store.set("ps/server/0", addr)
+        client = ps.Client(store, 0, 1, 1, token=token, timeout=WAIT)
+        g = np.arange(8, dtype=np.float32)
+        client.register("w", 8)
+        np.testing.assert_array_equal(client.push_pull("w", g.copy()), g)
+        client.shutdown()
+        client.close()
+        assert proc.wait(WAIT) == 0, proc.stderr.read()[-2000:]
+        assert f"rejected a connection from 127.0.0.1:" in proc.stderr.read()
     finally:
-        close_all(servers, [])
-    assert "rejected a connection" in capfd.readouterr().err
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
 
 
 def test_ps_oversized_lengths_before_authentication_close_the_connection():
@@ -798,7 +832,7 @@ class FakePsServer:
     (ps_header(17, payload=1 << 30, numel=1 << 28), ringcc.PeerError, "unexpected DATA reply"),
     (ps_header(18, code=6, payload=13) + b"late \xff\xfe\x00 done", ringcc.TimeoutError, r"late \\xff\\xfe\\x00 done"),
     (ps_header(18, code=1, payload=4) + b"\xc3(ab", ValueError, r"\\xc3\(ab"),
-])
+], ids=["error-text-2^40", "error-in-shm", "challenge-2^50", "data-to-hello", "non-utf8-timeout", "non-utf8-value"])
 def test_ps_client_bounds_and_sanitises_server_replies(reply, exc, match):
     fake = FakePsServer(reply)
     try:
