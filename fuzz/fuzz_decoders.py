@@ -51,17 +51,21 @@ PS_TYPES = {"HELLO": 1, "REGISTER": 2, "INIT": 3, "PUSH_PULL": 4, "PULL": 5, "SH
 
 
 # The native decoders are not compiled for coverage; what the fuzzer learns from them is
-# which check refused an input. Each distinct refusal (its type and text, numbers and
-# quoted input left out) calls one of these functions, which are instrumented when
-# fuzzing, so an input that gets past one more check counts as new coverage.
+# which check refused an input. Each distinct refusal (its type and text, with numbers
+# and the echoed input left out) calls one of these functions, which are instrumented
+# when fuzzing, so an input that gets past one more check counts as new coverage.
 _BUCKETS = 1024
 _OUTCOMES: List[Callable[[], None]] = [lambda: None] * _BUCKETS
-_VARYING = re.compile(r"'[^']*'|0x[0-9a-f]+|\d+")
+_VARYING = re.compile(r"(?:'[^']*'|\\x[0-9a-f]{2}|0x[0-9a-f]+|\d+|[^\x00-\x7f])+")
+_RECORD_ECHO = re.compile(r" \(record: .*|(?<=tcp endpoint: ).*|(?<=ringcc version: ).*", re.S)  # its bytes
+_ADDRESS_ECHO = re.compile(r"'.*'", re.S)  # an address's own bytes (quotes inside too)
 
 
-def refused(e: BaseException) -> None:
-    key = type(e).__name__ + _VARYING.sub("#", str(e))
-    _OUTCOMES[zlib.crc32(key.encode()) % _BUCKETS]()
+def refused(e: BaseException, echo: Optional[re.Pattern] = None) -> None:
+    text = str(e)
+    if echo is not None:
+        text = echo.sub("", text)
+    _OUTCOMES[zlib.crc32((type(e).__name__ + _VARYING.sub("#", text)).encode()) % _BUCKETS]()
 
 
 def u8(data: bytes, i: int) -> int:
@@ -121,7 +125,7 @@ def t_record(data: bytes) -> None:
     try:
         p = F.rendezvous_record(line, rank)
     except ALLOWED as e:
-        return refused(e)
+        return refused(e, _RECORD_ECHO)
     assert len(line) <= F.MAX_RECORD_BYTES and p["rank"] == rank, p
     assert 1 <= p["streams"] <= 64 and p["pid"] >= 1 and len(p["host"]) <= 1024, p
     assert p["nonce"] < 1 << 64 and (p["shm"] == "" or p["shm"].startswith("/ringcc-")), p
@@ -150,7 +154,7 @@ def t_address(data: bytes) -> None:
     try:
         host, port = F.address(data)
     except ALLOWED as e:
-        return refused(e)
+        return refused(e, _ADDRESS_ECHO)
     assert 1 <= port <= 65535 and 0 < len(host) < len(data), (host, port)
 
 
