@@ -51,7 +51,10 @@ class StoreClient:
 
 
 def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
+    # Store values are written by ringcc as ASCII; anything else is some other program's
+    # bytes, which the native parsers then refuse by name (replacement characters keep
+    # a UnicodeDecodeError from hiding which record was bad).
+    return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
 
 
 def _exists(store: Any, key: str) -> bool:

@@ -22,6 +22,7 @@ using namespace ringcc;
 void bind_ps(py::module_& m);  // ps_bindings.cpp
 void bind_cuda(py::module_& m);  // cuda_bindings.cpp
 void bind_auth(py::module_& m);  // auth_bindings.cpp
+void bind_fuzz(py::module_& m);  // fuzz_bindings.cpp
 
 namespace {
 
@@ -339,4 +340,5 @@ PYBIND11_MODULE(_C, m) {
   bind_ps(m);
   bind_cuda(m);
   bind_auth(m);
+  bind_fuzz(m);
 }

@@ -30,17 +30,9 @@ enum Stage : uint8_t { kHeader = 0, kPayload, kPadding, kAbortText, kDone };
 constexpr auto kBlockSlice = std::chrono::milliseconds(50);
 const char kZeros[8] = {0};
 
-// An abort frame complete at the front of `n` readable bytes: its kind and text.
-bool parse_abort_frame(const void* p, size_t n, RemoteAbort* out) {
-  if (n < kFrameHeaderBytes) return false;
-  FrameHeader h;
-  std::memcpy(&h, p, sizeof(h));
-  if (h.magic != kFrameMagic || h.type != FrameType::kAbort || h.payload_bytes > kMaxAbortText ||
-      n < kFrameHeaderBytes + h.payload_bytes)
-    return false;
-  *out = RemoteAbort{h.abort_kind, std::string(static_cast<const char*>(p) + kFrameHeaderBytes,
-                                               static_cast<size_t>(h.payload_bytes))};
-  return true;
+// An abort frame from `peer` complete at the front of `n` readable bytes.
+bool remote_abort_at(const void* p, size_t n, int peer, RemoteAbort* out) {
+  return parse_abort_frame(p, n, static_cast<uint32_t>(peer), &out->kind, &out->text);
 }
 
 class Runner {
@@ -152,7 +144,7 @@ void Runner::rethrow_with_abort_reason(Link* link) {
       n = 0;
     }
     RemoteAbort ra;
-    if (parse_abort_frame(p, n, &ra)) throw ra;
+    if (remote_abort_at(p, n, link->peer(), &ra)) throw ra;
   }
   throw;
 }
@@ -172,16 +164,16 @@ const OpHeader* Runner::earlier_collective(const OpHeader& theirs) const {
 
 void Runner::on_header(Transfer& x) {
   const OpHeader& expected = op_of(x);
-  FrameHeader h;
-  std::memcpy(&h, x.header, sizeof(h));
-  if (h.magic != kFrameMagic || h.version != kProtocolVersion || h.sender != static_cast<uint32_t>(x.peer))
+  // Checked before anything is sized from it: a length past its cap is a protocol
+  // violation by this peer, never an allocation or a wait for bytes that cannot come.
+  const FrameHeader h = decode_frame_header(x.header);
+  if (std::string bad = check_frame_header(h, static_cast<uint32_t>(x.peer)); !bad.empty())
     RINGCC_THROW(PeerError, who(), ": received a malformed frame from rank ", x.peer, " during ",
-                 describe(expected), " (protocol violation or version mismatch)");
+                 describe(expected), ": ", bad, " (protocol violation or version mismatch)");
   if (h.type == FrameType::kAbort) {
-    RINGCC_CHECK_ARG(h.payload_bytes <= kMaxAbortText, "oversized abort text");
     x.stage = kAbortText;
     x.done = 0;
-    x.abort_text.assign(static_cast<size_t>(padded(h.payload_bytes)), '\0');
+    x.abort_text.assign(static_cast<size_t>(padded(h.payload_bytes)), '\0');  // <= kMaxAbortText + 7
     x.bytes = static_cast<size_t>(h.payload_bytes);  // reused: text length
     return;
   }
@@ -232,10 +224,8 @@ bool Runner::advance_recv(Transfer& x) {
       if (k == 0 && link->eof()) fail_closed(x, true);
       return moved || k > 0;
     }
-    FrameHeader h;
-    std::memcpy(&h, x.header, sizeof(h));
-    x.abort_text.resize(x.bytes);
-    throw RemoteAbort{h.abort_kind, x.abort_text};
+    const FrameHeader h = decode_frame_header(x.header);
+    throw RemoteAbort{h.abort_kind, peer_text(x.abort_text.data(), x.bytes)};
   }
   if (x.stage == kPayload) {
     if (x.apply == Transfer::Apply::kCopy) {
@@ -321,12 +311,13 @@ void Runner::inspect_idle_tcp(Link* link) {
   size_t n = link->peek(&p);
   if (n >= kFrameHeaderBytes) {
     RemoteAbort ra;
-    if (parse_abort_frame(p, n, &ra)) throw ra;
-    FrameHeader h;
-    std::memcpy(&h, p, sizeof(h));
-    if (h.magic == kFrameMagic && h.type == FrameType::kAbort && h.payload_bytes <= kMaxAbortText)
+    if (remote_abort_at(p, n, link->peer(), &ra)) throw ra;
+    const FrameHeader h = decode_frame_header(p);
+    if (h.type == FrameType::kAbort && check_frame_header(h, static_cast<uint32_t>(link->peer())).empty())
       return;  // an abort whose text is still in flight
-    parked_[link->peer()] = 1;  // data of a later operation, or a goodbye: not ours to read
+    // Data of a later operation, a goodbye, or garbage: not ours to read now; the
+    // receive that reaches it checks the header.
+    parked_[link->peer()] = 1;
     return;
   }
   if (link->eof()) {

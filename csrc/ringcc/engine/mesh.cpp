@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -69,40 +70,44 @@ struct Proof {
   uint32_t magic;
   uint8_t proof[auth::kDigestBytes];
 };
-static_assert(sizeof(Hello) == 56 && sizeof(Challenge) == 72 && sizeof(Proof) == 36,
+static_assert(sizeof(Hello) == kMeshHelloBytes && sizeof(Challenge) == 72 && sizeof(Proof) == 36,
               "handshake messages have a fixed wire layout");
 
-struct PeerInfo {
-  int rank = -1;
-  std::string host, tcp, shm;
-  int pid = 0;
-  uint64_t nonce = 0;
-  int streams = 1;
-};
-
-PeerInfo parse_info(const std::string& line, int expected_rank) {
-  PeerInfo p;
-  std::map<std::string, std::string> kv;
-  std::stringstream ss(line);
-  std::string item;
-  while (std::getline(ss, item, ';')) {
-    auto eq = item.find('=');
-    if (eq != std::string::npos) kv[item.substr(0, eq)] = item.substr(eq + 1);
+// Decimal (no sign, no spaces) in [lo, hi]; false otherwise.
+bool parse_decimal(const std::string& s, uint64_t lo, uint64_t hi, uint64_t* out) {
+  if (s.empty() || s.size() > 19) return false;
+  uint64_t v = 0;
+  for (char c : s) {
+    if (c < '0' || c > '9') return false;
+    v = v * 10 + static_cast<uint64_t>(c - '0');
   }
-  if (kv["v"] != kRecordVersion || kv.count("rank") == 0)
-    RINGCC_THROW(PeerError, "rendezvous record of rank ", expected_rank,
-                 " is not from a compatible ringcc version: '", line.substr(0, 80), "'");
-  p.rank = std::stoi(kv["rank"]);
-  if (p.rank != expected_rank)
-    RINGCC_THROW(PeerError, "rendezvous record under rank ", expected_rank, " claims rank ", p.rank,
-                 " (two communicators sharing one store prefix?)");
-  p.host = kv["host"];
-  p.tcp = kv["tcp"];
-  p.shm = kv["shm"];
-  p.pid = std::stoi(kv["pid"]);
-  p.nonce = std::stoull(kv["nonce"], nullptr, 16);
-  p.streams = std::stoi(kv["streams"]);
-  return p;
+  if (v < lo || v > hi) return false;
+  *out = v;
+  return true;
+}
+
+bool parse_hex64(const std::string& s, uint64_t* out) {
+  if (s.empty() || s.size() > 16) return false;
+  uint64_t v = 0;
+  for (char c : s) {
+    int d = c >= '0' && c <= '9'   ? c - '0'
+            : c >= 'a' && c <= 'f' ? c - 'a' + 10
+            : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                   : -1;
+    if (d < 0) return false;
+    v = (v << 4) | static_cast<uint64_t>(d);
+  }
+  *out = v;
+  return true;
+}
+
+// The names transport::shm::Segment::create makes: "/ringcc-", then letters, digits, dashes.
+bool valid_segment_name(const std::string& s) {
+  static const std::string prefix = "/ringcc-";
+  if (s.size() <= prefix.size() || s.size() > 255 || s.compare(0, prefix.size(), prefix) != 0) return false;
+  for (size_t i = prefix.size(); i < s.size(); ++i)
+    if (!std::isalnum(static_cast<unsigned char>(s[i])) && s[i] != '-') return false;
+  return true;
 }
 
 std::string read_first_line(const char* path) {
@@ -326,15 +331,10 @@ class TcpSetup {
       ssize_t k = ::recv(c.fd, c.in + c.got, c.want - c.got, MSG_DONTWAIT);
       if (k > 0) {
         c.got += static_cast<size_t>(k);
-        // Refuse what is plainly not a ringcc peer as soon as its first bytes show it.
-        if (c.stage == Stage::kHello && c.got >= 6) {
-          Hello h{};
-          std::memcpy(&h, c.in, 6);
-          if (h.magic != kHelloMagic)
-            return fail(c, detail::concat("not a ringcc connection (first bytes 0x", std::hex, h.magic, ")"));
-          if (h.version != kHandshakeVersion)
-            return fail(c, detail::concat("handshake version ", h.version, ", expected ", kHandshakeVersion,
-                                          " (another ringcc version?)"));
+        if (c.stage == Stage::kHello && c.got < sizeof(Hello)) {
+          int from = -1, stream = -1;
+          std::string bad = check_mesh_hello(c.in, c.got, rank_, size_, streams_, use_tcp_, &from, &stream);
+          if (!bad.empty()) return fail(c, bad);
         }
         continue;
       }
@@ -371,20 +371,14 @@ class TcpSetup {
 
   // Acceptor: a HELLO names the source and carries the dialler's challenge.
   bool on_hello(Conn& c) {
+    int from = -1, stream = -1;
+    if (std::string bad = check_mesh_hello(c.in, sizeof(Hello), rank_, size_, streams_, use_tcp_, &from, &stream);
+        !bad.empty())
+      return fail(c, bad);
     Hello h;
     std::memcpy(&h, c.in, sizeof(h));
-    const int from = static_cast<int>(h.from_rank);
-    if (static_cast<int>(h.to_rank) != rank_ || static_cast<int>(h.world_size) != size_ ||
-        static_cast<int>(h.streams) != streams_)
-      return fail(c, detail::concat("addressed to rank ", h.to_rank, " of ", h.world_size, " with ", h.streams,
-                                    " stream(s); this is rank ", rank_, " of ", size_, " with ", streams_,
-                                    " (another communicator?)"));
-    if (from <= rank_ || from >= size_ || !use_tcp_[from])
-      return fail(c, detail::concat("claims to come from rank ", h.from_rank, ", which does not dial rank ", rank_,
-                                    " over TCP"));
-    if (h.stream >= streams_) return fail(c, detail::concat("stream index ", h.stream, " of ", streams_));
     c.peer = from;
-    c.stream = h.stream;
+    c.stream = stream;
     std::memcpy(c.theirs, h.challenge, kChallengeBytes);
     auth::secure_random(c.mine, kChallengeBytes);
     Challenge ch{kChallengeMagic, static_cast<uint32_t>(rank_), {}, {}};
@@ -467,6 +461,97 @@ class TcpSetup {
 
 }  // namespace
 
+PeerInfo parse_rendezvous_record(const std::string& line, int expected_rank) {
+  auto bad = [&](const std::string& why) {
+    RINGCC_THROW(PeerError, "rendezvous record of rank ", expected_rank, " is malformed: ", why, " (record: '",
+                 peer_text(line.substr(0, 120)), line.size() > 120 ? "...'" : "'",
+                 "; another program writing under ringcc's store keys, or mixed ringcc versions?)");
+  };
+  if (line.size() > kMaxRecordBytes)
+    bad(detail::concat(line.size(), " bytes, at most ", kMaxRecordBytes));
+  static const char* const kFields[] = {"v", "rank", "host", "tcp", "shm", "pid", "nonce", "streams"};
+  constexpr size_t kNumFields = sizeof(kFields) / sizeof(kFields[0]);
+  std::string value[kNumFields];
+  bool seen[kNumFields] = {};
+  size_t pos = 0;
+  while (pos <= line.size()) {
+    size_t end = line.find(';', pos);
+    if (end == std::string::npos) end = line.size();
+    const std::string item = line.substr(pos, end - pos);
+    pos = end + 1;
+    if (item.empty()) continue;
+    const size_t eq = item.find('=');
+    if (eq == std::string::npos) bad("an item without '='");
+    const std::string key = item.substr(0, eq);
+    for (size_t f = 0; f < kNumFields; ++f) {
+      if (key != kFields[f]) continue;
+      if (seen[f]) bad(detail::concat("field '", key, "' appears twice"));
+      seen[f] = true;
+      value[f] = item.substr(eq + 1);
+    }
+    // Unknown fields are ignored; the version field says what must be there.
+  }
+  if (!seen[0] || value[0] != kRecordVersion)
+    RINGCC_THROW(PeerError, "rendezvous record of rank ", expected_rank,
+                 " is not from a compatible ringcc version: '", peer_text(line.substr(0, 80)), "'");
+  for (size_t f = 1; f < kNumFields; ++f)
+    if (!seen[f]) bad(detail::concat("field '", kFields[f], "' is missing"));
+  PeerInfo p;
+  uint64_t v = 0;
+  if (!parse_decimal(value[1], 0, 0x7fffffff, &v)) bad("rank is not a rank number");
+  p.rank = static_cast<int>(v);
+  if (p.rank != expected_rank)
+    RINGCC_THROW(PeerError, "rendezvous record under rank ", expected_rank, " claims rank ", p.rank,
+                 " (two communicators sharing one store prefix?)");
+  if (value[2].size() > kMaxHostKeyBytes)
+    bad(detail::concat("host identity of ", value[2].size(), " bytes (at most ", kMaxHostKeyBytes, ")"));
+  p.host = value[2];
+  if (!value[3].empty()) {
+    std::string host;
+    int port = 0;
+    try {
+      transport::tcp::split_address(value[3], &host, &port);
+    } catch (const std::invalid_argument& e) {
+      bad(detail::concat("tcp endpoint: ", e.what()));
+    }
+  }
+  p.tcp = value[3];
+  if (!value[4].empty() && !valid_segment_name(value[4]))
+    bad("shm is not a ringcc shared-memory segment name");
+  p.shm = value[4];
+  if (!parse_decimal(value[5], 1, 0x7fffffff, &v)) bad("pid is not a process id");
+  p.pid = static_cast<int>(v);
+  if (!parse_hex64(value[6], &p.nonce)) bad("nonce is not 1..16 hex digits");
+  if (!parse_decimal(value[7], 1, 64, &v)) bad("streams is not a number in 1..64");
+  p.streams = static_cast<int>(v);
+  return p;
+}
+
+std::string check_mesh_hello(const void* p, size_t n, int rank, int size, int streams,
+                             const std::vector<bool>& use_tcp, int* from, int* stream) {
+  Hello h{};
+  std::memcpy(&h, p, std::min(n, sizeof(h)));
+  if (n >= 6) {
+    // Refuse what is plainly not a ringcc peer as soon as its first bytes show it.
+    if (h.magic != kHelloMagic) return detail::concat("not a ringcc connection (first bytes 0x", std::hex, h.magic, ")");
+    if (h.version != kHandshakeVersion)
+      return detail::concat("handshake version ", h.version, ", expected ", kHandshakeVersion,
+                            " (another ringcc version?)");
+  }
+  if (n < sizeof(h)) return "";
+  if (h.to_rank != static_cast<uint32_t>(rank) || h.world_size != static_cast<uint32_t>(size) ||
+      h.streams != static_cast<uint32_t>(streams))
+    return detail::concat("addressed to rank ", h.to_rank, " of ", h.world_size, " with ", h.streams,
+                          " stream(s); this is rank ", rank, " of ", size, " with ", streams, " (another communicator?)");
+  if (h.from_rank <= static_cast<uint32_t>(rank) || h.from_rank >= static_cast<uint32_t>(size) ||
+      h.from_rank >= use_tcp.size() || !use_tcp[h.from_rank])
+    return detail::concat("claims to come from rank ", h.from_rank, ", which does not dial rank ", rank, " over TCP");
+  if (h.stream >= static_cast<uint32_t>(streams)) return detail::concat("stream index ", h.stream, " of ", streams);
+  *from = static_cast<int>(h.from_rank);
+  *stream = h.stream;
+  return "";
+}
+
 std::string host_identity() {
   char name[256] = {0};
   gethostname(name, sizeof(name) - 1);
@@ -487,7 +572,10 @@ Mesh::Mesh(int rank, int size, MeshOptions options)
   RINGCC_CHECK_ARG(options_.handshake_timeout > 0, "handshake_timeout must be positive, got ",
                    options_.handshake_timeout);
   auth::secure_random(&nonce_, sizeof(nonce_));
+  RINGCC_CHECK_ARG(options_.host_id.size() <= kMaxHostKeyBytes, "host_id must be at most ", kMaxHostKeyBytes,
+                   " bytes, got ", options_.host_id.size());
   host_key_ = options_.host_id.empty() ? host_identity() : options_.host_id;
+  if (host_key_.size() > kMaxHostKeyBytes) host_key_.resize(kMaxHostKeyBytes);
   for (char& c : host_key_)  // it travels inside a "key=value;..." record
     if (c == ';' || c == '=') c = '_';
   interrupt_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -532,7 +620,7 @@ void Mesh::connect(const std::vector<std::string>& infos, const std::string& sec
                    secret.size(), " (ringcc.Communicator creates it in the rendezvous store)");
   options_.secret = secret;
   std::vector<PeerInfo> peers;
-  for (int r = 0; r < size_; ++r) peers.push_back(parse_info(infos[r], r));
+  for (int r = 0; r < size_; ++r) peers.push_back(parse_rendezvous_record(infos[r], r));
   const std::string& mode = options_.transport;
 
   std::vector<bool> use_tcp(size_, false);

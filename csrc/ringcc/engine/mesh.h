@@ -95,4 +95,32 @@ class Mesh {
 // Identity of "this host" for transport choice: ranks with equal keys share memory.
 std::string host_identity();
 
+// One rank's rendezvous record, as Mesh::local_info() writes it and the store gives it
+// back: "v=2;rank=R;host=H;tcp=A;shm=S;pid=P;nonce=N;streams=K".
+struct PeerInfo {
+  int rank = -1;
+  std::string host, tcp, shm;
+  int pid = 0;
+  uint64_t nonce = 0;
+  int streams = 1;
+};
+constexpr size_t kMaxRecordBytes = 16 << 10;  // a whole record
+constexpr size_t kMaxHostKeyBytes = 1024;      // its host= field (host_id= / RINGCC_HOST_ID)
+// Parses the record read from the store under `expected_rank`, bounding every field
+// before it is used: the whole record (kMaxRecordBytes), each field present exactly
+// once, rank equal to expected_rank, host at most kMaxHostKeyBytes, tcp empty or a
+// "host:port" with port 1..65535, shm empty or a ringcc segment name, pid 1..2^31-1,
+// nonce 1..16 hex digits, streams 1..64. Throws PeerError naming the rank and the field.
+PeerInfo parse_rendezvous_record(const std::string& line, int expected_rank);
+
+// The acceptor's view of a connection HELLO of the TCP handshake (mesh.cpp), given the
+// first `n` bytes received so far. Returns "" while they are a plausible prefix (the
+// magic and version are checked as soon as 6 bytes are in), and, once all
+// kMeshHelloBytes are in, "" with *from / *stream set when the HELLO is addressed to
+// `rank` of a `size`-rank mesh with `streams` streams from a higher rank that dials it
+// over TCP (use_tcp[from]); otherwise why the connection is refused.
+constexpr size_t kMeshHelloBytes = 56;
+std::string check_mesh_hello(const void* p, size_t n, int rank, int size, int streams,
+                             const std::vector<bool>& use_tcp, int* from, int* stream);
+
 }  // namespace ringcc

@@ -69,6 +69,10 @@ enum class AbortKind : uint8_t { kGeneric = 0, kTimeout = 1, kPeer = 2, kMismatc
 constexpr uint32_t kFrameMagic = 0x52434346;  // "RCCF"
 constexpr uint16_t kProtocolVersion = 2;  // 2: OpHeader::compression
 constexpr size_t kMaxAbortText = 4096;
+// Largest payload a data frame may announce. Real frames carry one segment or one
+// point-to-point message; the cap keeps every size computation on a received length
+// (padding, offsets) far from wrapping, whatever a peer claims.
+constexpr uint64_t kMaxFramePayload = uint64_t(1) << 48;
 
 struct FrameHeader {
   uint32_t magic = kFrameMagic;
@@ -84,5 +88,25 @@ static_assert(sizeof(FrameHeader) <= 64, "frame header must fit in 64 bytes");
 constexpr size_t kFrameHeaderBytes = 64;
 
 inline uint64_t padded(uint64_t n) { return (n + 7) & ~uint64_t(7); }
+
+// The frame header at `p` (kFrameHeaderBytes readable bytes), copied out of the stream.
+// An abort kind this version does not know becomes kGeneric (still an abort).
+FrameHeader decode_frame_header(const void* p);
+// "" when `h` is a well-formed header from `expected_sender`, else what is wrong with it:
+// magic, version, sender, frame type, the payload length against its cap (kMaxFramePayload
+// for data, kMaxAbortText for an abort, 0 for a goodbye) and the operation's enum fields.
+// The receiver raises PeerError naming the peer; nothing is allocated from a header
+// that fails this.
+std::string check_frame_header(const FrameHeader& h, uint32_t expected_sender);
+// An abort frame complete at the front of `n` readable bytes from `sender`: true with its
+// kind and (sanitised) text; false while incomplete or when the bytes are not one.
+bool parse_abort_frame(const void* p, size_t n, uint32_t sender, AbortKind* kind, std::string* text);
+
+// Text received from a peer (abort reasons, error replies, echoed names) made safe to
+// raise: valid UTF-8 is kept, every other byte and every control character except
+// newline and tab is written as \xNN, so the Python exception keeps its type and the
+// message cannot be cut at a NUL.
+std::string peer_text(const char* p, size_t n);
+inline std::string peer_text(const std::string& s) { return peer_text(s.data(), s.size()); }
 
 }  // namespace ringcc

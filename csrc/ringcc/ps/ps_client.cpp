@@ -46,7 +46,7 @@ namespace {
 
 // An ERROR reply as the exception type its code stands for.
 [[noreturn]] void raise_server_error(const std::string& where, ErrorCode code, const std::string& text) {
-  std::string msg = where + ": " + text;
+  std::string msg = where + ": " + peer_text(text);
   switch (code) {
     case ErrorCode::kBadRequest:
     case ErrorCode::kUnknownKey: throw std::invalid_argument(msg);
@@ -217,23 +217,18 @@ void Client::run(Link& l) {
 // proof) -> OK (the mode). The server proves itself first, so a process of another job
 // at a stale address learns nothing from this worker but a random challenge.
 void Client::authenticate(Link& l, const Deadline& deadline, const std::string& where) {
-  auto reply = [&](MsgType request, MsgType want, uint64_t want_bytes) {
+  auto reply = [&](MsgType request) {
     Header rep;
     tcp::recv_all(l.fd, &rep, sizeof(rep), deadline, "waiting for a ps reply");
-    std::string bad = check_frame(rep);
-    if (bad.empty() && rep.type == MsgType::kError) {
-      if (rep.payload_bytes > kMaxErrorText || rep.flags != 0) {
-        bad = "malformed ERROR reply";
-      } else {
-        std::string text(rep.payload_bytes, '\0');
-        if (!text.empty()) tcp::recv_all(l.fd, text.data(), text.size(), deadline, "reading a ps error");
-        raise_server_error(where, static_cast<ErrorCode>(rep.code), text);  // the server hangs up
-      }
-    } else if (bad.empty() && (rep.type != want || rep.payload_bytes != want_bytes || rep.flags != 0)) {
-      bad = detail::concat("unexpected ", msg_name(rep.type), " reply of ", rep.payload_bytes, " bytes to ",
-                           msg_name(request));
+    Header req;
+    req.type = request;
+    if (std::string bad = check_reply(rep, req, 0); !bad.empty())
+      RINGCC_THROW(PeerError, where, ": protocol error in the reply: ", bad);
+    if (rep.type == MsgType::kError) {
+      std::string text(rep.payload_bytes, '\0');  // <= kMaxErrorText (check_reply)
+      if (!text.empty()) tcp::recv_all(l.fd, text.data(), text.size(), deadline, "reading a ps error");
+      raise_server_error(where, static_cast<ErrorCode>(rep.code), text);  // the server hangs up
     }
-    if (!bad.empty()) RINGCC_THROW(PeerError, where, ": protocol error in the reply: ", bad);
     return rep;
   };
   const uint32_t rank = static_cast<uint32_t>(opts_.rank);
@@ -247,7 +242,7 @@ void Client::authenticate(Link& l, const Deadline& deadline, const std::string& 
   h.payload_bytes = sizeof(mine);
   tcp::send_all(l.fd, &h, sizeof(h), deadline, "sending HELLO");
   tcp::send_all(l.fd, mine, sizeof(mine), deadline, "sending HELLO");
-  reply(MsgType::kHello, MsgType::kChallenge, kChallengeBytes + auth::kDigestBytes);
+  reply(MsgType::kHello);
   uint8_t body[kChallengeBytes + auth::kDigestBytes];
   tcp::recv_all(l.fd, body, sizeof(body), deadline, "reading the server's challenge");
   auth::Digest want = handshake_proof(opts_.secret, 'S', rank, workers, mine, body);
@@ -261,7 +256,7 @@ void Client::authenticate(Link& l, const Deadline& deadline, const std::string& 
   h.payload_bytes = proof.size();
   tcp::send_all(l.fd, &h, sizeof(h), deadline, "sending AUTH");
   tcp::send_all(l.fd, proof.data(), proof.size(), deadline, "sending AUTH");
-  l.mode = static_cast<Mode>(reply(MsgType::kAuth, MsgType::kOk, 0).code);
+  l.mode = static_cast<Mode>(reply(MsgType::kAuth).code);
 }
 
 // After authenticating: if the server is on this host, give it a shared-memory object for the
@@ -278,17 +273,12 @@ void Client::attach_shm(Link& l, const Deadline& deadline, const std::string& wh
     if (!payload.empty()) tcp::send_all(l.fd, payload.data(), payload.size(), deadline, "sending a ps payload");
     Header rep;
     tcp::recv_all(l.fd, &rep, sizeof(rep), deadline, "waiting for a ps reply");
-    std::string bad = check_frame(rep);
-    if (bad.empty() && rep.type == MsgType::kError) {
-      if (rep.payload_bytes > kMaxErrorText || rep.flags != 0) bad = "malformed ERROR reply";
-    } else if (bad.empty() && (rep.type != MsgType::kOk || rep.payload_bytes != 0 || rep.flags != 0)) {
-      bad = detail::concat("unexpected ", msg_name(rep.type), " reply to ", msg_name(type));
-    }
-    if (!bad.empty()) RINGCC_THROW(PeerError, where, ": protocol error in the reply: ", bad);
+    if (std::string bad = check_reply(rep, h, 0); !bad.empty())
+      RINGCC_THROW(PeerError, where, ": protocol error in the reply: ", bad);
     if (rep.type == MsgType::kError) {
-      refusal->resize(rep.payload_bytes);
-      if (!refusal->empty()) tcp::recv_all(l.fd, refusal->data(), refusal->size(), deadline, "reading a ps error");
-      if (refusal->empty()) *refusal = "refused";
+      std::string text(rep.payload_bytes, '\0');  // <= kMaxErrorText (check_reply)
+      if (!text.empty()) tcp::recv_all(l.fd, text.data(), text.size(), deadline, "reading a ps error");
+      *refusal = text.empty() ? "refused" : peer_text(text);
     }
     return rep;
   };
@@ -415,23 +405,16 @@ void Client::execute(Link& l, Request& r) {
     tcp::send_all(l.fd, &h, sizeof(h), deadline, "sending a ps request");
     if (h.payload_bytes && !region) tcp::send_all(l.fd, payload, h.payload_bytes, deadline, "sending a ps payload");
     tcp::recv_all(l.fd, &rep, sizeof(rep), deadline, "waiting for a ps reply");
-    std::string bad = check_frame(rep);
-    if (bad.empty() && rep.type != MsgType::kOk && rep.type != MsgType::kData && rep.type != MsgType::kError)
-      bad = detail::concat("unexpected ", msg_name(rep.type), " message from the server");
-    // Only DATA may sit in shared memory, and only in a region this link has.
-    if (bad.empty() && (rep.flags & kFlagShmPayload) &&
-        (rep.type != MsgType::kData || !l.shm || rep.payload_bytes > l.shm_region))
-      bad = detail::concat(msg_name(rep.type), " reply of ", rep.payload_bytes,
-                           " bytes claims a shared-memory payload this connection cannot hold");
-    if (!bad.empty()) RINGCC_THROW(PeerError, where, ": protocol error in the reply: ", bad);
+    // Every length is bounded here, before anything is read: only DATA may sit in shared
+    // memory, and only in a region this link has.
+    if (std::string bad = check_reply(rep, h, l.shm ? l.shm_region : 0); !bad.empty())
+      RINGCC_THROW(PeerError, where, ": protocol error in the reply: ", bad);
   });
 
   if (rep.type == MsgType::kError) {
     std::string text;
     io([&] {
-      if (rep.payload_bytes > kMaxErrorText)
-        RINGCC_THROW(PeerError, where, ": error text of ", rep.payload_bytes, " bytes (at most ", kMaxErrorText, ")");
-      text.resize(rep.payload_bytes);
+      text.resize(rep.payload_bytes);  // <= kMaxErrorText (check_reply)
       if (!text.empty()) tcp::recv_all(l.fd, text.data(), text.size(), deadline, "reading a ps error");
     });
     auto code = static_cast<ErrorCode>(rep.code);
@@ -440,12 +423,7 @@ void Client::execute(Link& l, Request& r) {
   }
 
   const bool wants_data = r.type == MsgType::kPushPull || r.type == MsgType::kPull;
-  if (!wants_data) {
-    io([&] {
-      if (rep.type != MsgType::kOk || rep.payload_bytes != 0)
-        RINGCC_THROW(PeerError, where, ": ", msg_name(r.type), " got a ", msg_name(rep.type), " reply of ",
-                     rep.payload_bytes, " bytes");
-    });
+  if (!wants_data) {  // an OK without payload (check_reply)
     if (r.type != MsgType::kShutdown) {
       l.seen[r.key] = rep.round;
     }
@@ -453,12 +431,6 @@ void Client::execute(Link& l, Request& r) {
   }
   // DATA: the same key and size we asked for, fp32 or the push's own wire format.
   io([&] {
-    const bool wire_ok = rep.wire == Compression::kNone || (r.type == MsgType::kPushPull && rep.wire == r.wire);
-    if (rep.type != MsgType::kData || rep.key != r.key || rep.numel != r.numel || !wire_ok ||
-        rep.payload_bytes != wire_bytes(r.numel, rep.wire))
-      RINGCC_THROW(PeerError, where, ": ", msg_name(r.type), " reply does not match the request (key ", rep.key,
-                   " vs ", r.key, ", numel ", rep.numel, " vs ", r.numel, ", wire ", compression_name(rep.wire),
-                   ", ", rep.payload_bytes, " bytes)");
     if (rep.flags & kFlagShmPayload) return;
     l.tcp_payloads.fetch_add(1, std::memory_order_relaxed);
     if (rep.wire == Compression::kNone) {

@@ -116,6 +116,42 @@ inline uint64_t wire_bytes(uint64_t numel, Compression wire) {
 
 // "" when the fixed part (magic, version, known type) is sound, else why not.
 std::string check_frame(const Header& h);
+// The 64 bytes at `p` as a header (no checks: see check_frame and the two below).
+Header decode_header(const void* p);
+
+// What the server knows about a connection when a request header arrives.
+struct RequestState {
+  bool authed = false;        // HELLO and a correct AUTH done
+  bool challenged = false;    // HELLO done, CHALLENGE sent
+  bool shm_offered = false;   // SHM_PROBE matched: one SHM_ATTACH may follow
+  bool shm_attached = false;  // a request/reply region is mapped
+  uint64_t shm_region = 0;    // bytes per region when attached
+  bool fixed_keys = false;    // restored from a checkpoint: no new keys
+};
+// The registered shape of the key a request names.
+struct KeyShape {
+  uint64_t id = 0;
+  std::string name;
+  uint64_t numel = 0;
+  DataType dtype = DataType::kFloat32;
+};
+struct Refusal {
+  ErrorCode code = ErrorCode::kGeneric;
+  std::string text;
+};
+// The server's check of a request header before a byte of its payload is read or
+// allocated: the fixed part (check_frame), the handshake order (HELLO, then AUTH, then
+// anything), every length against its cap or against `key` (the registered shape of
+// h.key, null if unknown), and where the payload may be (shared memory only for INIT
+// and PUSH_PULL on a connection with a region, never before authentication). True with
+// *r when refused; kAuth and kProtocol refusals end the connection.
+bool screen_request(const RequestState& s, const Header& h, const KeyShape* key, Refusal* r);
+
+// The client's check of the reply header `rep` to its request `req` (type, key, numel,
+// wire) on a connection with a reply region of `shm_region` bytes (0: none): "" when
+// it may be read (an ERROR with at most kMaxErrorText bytes of text on the socket, or
+// the reply this request expects with exactly the size it implies), else why not.
+std::string check_reply(const Header& rep, const Header& req, uint64_t shm_region);
 
 // The handshake proof of `role` ('S' server, 'C' client); see "Authentication" above.
 auth::Digest handshake_proof(const std::string& secret, char role, uint32_t rank, uint64_t num_workers,

@@ -107,11 +107,6 @@ std::string rank_list(const std::vector<int>& ranks) {
   return s + "]";
 }
 
-struct Refusal {
-  ErrorCode code;
-  std::string text;
-};
-
 }  // namespace
 
 struct Server::Impl {
@@ -238,114 +233,34 @@ struct Server::Impl {
     return it == keys.end() ? nullptr : &it->second;
   }
 
-  // Size checks that need only the header and the key's declared shape, made before
-  // a byte of payload is read or allocated. Returns the refusal, if any.
+  // The server's screening of a request header (ps_protocol.cpp), before a byte of its
+  // payload is read or allocated.
   bool refuse_header(const Conn& c, const Header& h, Refusal* r) {
-    auto fail = [&](ErrorCode code, auto&&... parts) {
-      *r = Refusal{code, detail::concat(msg_name(h.type), ": ", parts...)};
-      return true;
-    };
-    if (h.type == MsgType::kHello) {
-      if (c.authed) return fail(ErrorCode::kBadRequest, "this connection already said HELLO");
-      if (c.challenged) return fail(ErrorCode::kAuth, "HELLO twice");
-      if (h.payload_bytes != kChallengeBytes)
-        return fail(ErrorCode::kAuth, "challenge of ", h.payload_bytes, " bytes, expected ", kChallengeBytes);
-      return false;
-    }
-    if (h.type == MsgType::kAuth) {
-      if (c.authed) return fail(ErrorCode::kBadRequest, "this connection is already authenticated");
-      if (!c.challenged) return fail(ErrorCode::kAuth, "AUTH before HELLO");
-      if (h.payload_bytes != auth::kDigestBytes)
-        return fail(ErrorCode::kAuth, "proof of ", h.payload_bytes, " bytes, expected ", auth::kDigestBytes);
-      return false;
-    }
-    if (!c.authed)
-      return fail(ErrorCode::kAuth, "not authenticated: the first messages must be HELLO and AUTH (the proof "
-                  "of the job secret)");
-    if (in_shm(h) && h.type != MsgType::kInit && h.type != MsgType::kPushPull)
-      return fail(ErrorCode::kBadRequest, "only INIT and PUSH_PULL payloads may travel in shared memory");
-    if (in_shm(h) && !c.shm)
-      return fail(ErrorCode::kBadRequest, "payload claimed in shared memory, but this connection has none attached");
-    switch (h.type) {
-      case MsgType::kShmProbe:
-        if (h.payload_bytes > kMaxHostIdBytes)
-          return fail(ErrorCode::kBadRequest, "host identity of ", h.payload_bytes, " bytes (at most ",
-                      kMaxHostIdBytes, ")");
-        return false;
-      case MsgType::kShmAttach:
-        if (!c.shm_offered || c.shm)
-          return fail(ErrorCode::kBadRequest, "not expected here (only once, after a matching SHM_PROBE)");
-        if (h.payload_bytes > kMaxShmNameBytes)
-          return fail(ErrorCode::kBadRequest, "object name of ", h.payload_bytes, " bytes (at most ",
-                      kMaxShmNameBytes, ")");
-        if (h.aux < kMinShmRegionBytes || h.aux > kMaxShmRegionBytes)
-          return fail(ErrorCode::kBadRequest, "region of ", h.aux, " bytes out of range [", kMinShmRegionBytes,
-                      ", ", kMaxShmRegionBytes, "]");
-        return false;
-      case MsgType::kRegister:
-        if (h.numel == 0 || h.numel > kMaxKeyElements)
-          return fail(ErrorCode::kBadRequest, "key id ", h.key, ": numel ", h.numel, " out of range [1, ",
-                      kMaxKeyElements, "]");
-        if (h.dtype != DataType::kFloat32)
-          return fail(ErrorCode::kBadDtype, "key id ", h.key, ": dtype ", dtype_name(h.dtype),
-                      " not supported (keys hold float32)");
-        if (h.payload_bytes > kMaxNameBytes)
-          return fail(ErrorCode::kBadRequest, "key name of ", h.payload_bytes, " bytes (at most ", kMaxNameBytes, ")");
-        if (Key* k = find(h.key)) {
-          if (k->numel != h.numel || k->dtype != h.dtype)
-            return fail(ErrorCode::kBadRequest, label(*k), " is registered with numel ", k->numel, " dtype ",
-                        dtype_name(k->dtype), "; this REGISTER says numel ", h.numel, " dtype ",
-                        dtype_name(h.dtype));
-        } else if (fixed_keys) {
-          return fail(ErrorCode::kBadRequest, "key id ", h.key,
-                      " is not in the checkpoint this server was restored from (different model or "
-                      "shard layout?)");
-        }
-        return false;
-      case MsgType::kInit:
-      case MsgType::kPushPull:
-      case MsgType::kPull: {
-        Key* k = find(h.key);
-        if (!k) return fail(ErrorCode::kUnknownKey, "unknown key id ", h.key, " (not registered on this server)");
-        if (h.dtype != k->dtype)
-          return fail(ErrorCode::kBadDtype, label(*k), ": dtype ", dtype_name(h.dtype), ", expected ",
-                      dtype_name(k->dtype));
-        if (h.numel != k->numel)
-          return fail(ErrorCode::kBadRequest, label(*k), ": numel ", h.numel, ", expected ", k->numel);
-        if (h.type == MsgType::kInit && h.wire != Compression::kNone)
-          return fail(ErrorCode::kBadRequest, label(*k), ": INIT values must be fp32 (wire none)");
-        uint64_t want = h.type == MsgType::kPull ? 0 : wire_bytes(k->numel, h.wire);
-        if (h.payload_bytes != want)
-          return fail(ErrorCode::kBadRequest, label(*k), ": payload of ", h.payload_bytes, " bytes, expected ", want,
-                      " (", k->numel, " elements, wire ", compression_name(h.wire), ")");
-        if (in_shm(h) && h.payload_bytes > c.shm_region)
-          return fail(ErrorCode::kBadRequest, label(*k), ": shared-memory payload of ", h.payload_bytes,
-                      " bytes exceeds this connection's region of ", c.shm_region, " bytes");
-        return false;
-      }
-      case MsgType::kShutdown:
-        if (h.payload_bytes != 0) return fail(ErrorCode::kBadRequest, "unexpected payload");
-        return false;
-      default:
-        return fail(ErrorCode::kProtocol, "a server accepts requests only");
-    }
+    RequestState st;
+    st.authed = c.authed;
+    st.challenged = c.challenged;
+    st.shm_offered = c.shm_offered;
+    st.shm_attached = static_cast<bool>(c.shm);
+    st.shm_region = c.shm_region;
+    st.fixed_keys = fixed_keys;
+    KeyShape shape;
+    const Key* k = find(h.key);
+    if (k) shape = KeyShape{k->id, k->name, k->numel, k->dtype};
+    return screen_request(st, h, k ? &shape : nullptr, r);
   }
 
   void on_header(Conn& c) {
     const Header& h = c.hdr;
-    std::string bad = check_frame(h);
-    if (!bad.empty()) {
-      if (!c.authed) log_reject(c, "protocol error: " + bad);
-      send_error(c, h.key, ErrorCode::kProtocol, "protocol error: " + bad);
-      c.close_after_flush = true;
-      return;
-    }
     Refusal r;
     if (refuse_header(c, h, &r)) {
       if (r.code == ErrorCode::kAuth || (r.code == ErrorCode::kProtocol && !c.authed)) log_reject(c, r.text);
       send_error(c, h.key, r.code, r.text);
+      if (r.code == ErrorCode::kAuth || r.code == ErrorCode::kProtocol) {
+        c.close_after_flush = true;
+        return;
+      }
       if (in_shm(h)) return;  // nothing follows on the socket
-      if (r.code == ErrorCode::kAuth || r.code == ErrorCode::kProtocol || h.payload_bytes > kMaxDiscardBytes) {
+      if (h.payload_bytes > kMaxDiscardBytes) {
         c.close_after_flush = true;
       } else {
         c.discard_left = h.payload_bytes;

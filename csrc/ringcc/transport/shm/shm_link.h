@@ -30,7 +30,11 @@ class ShmLink final : public Link {
   RingHeader* in_;   // in our segment, written by the peer
   char* in_data_;
   size_t cap_;       // both rings have the same capacity (the layout is checked at open)
+  [[noreturn]] void corrupt(const char* which, uint64_t head, uint64_t tail) const;
+
   bool same_process_;
+  int peer_pid_ = 0;
+  size_t peeked_ = 0;  // bytes the last peek() exposed: consume() may take no more
   bool dead_ = false;
   Clock::time_point next_pid_check_{};
 };

@@ -22,9 +22,6 @@ constexpr uint64_t kSegmentMagic = 0x52494e4743435348ull;  // "RINGCCSH"
 
 size_t control_bytes() { return (sizeof(ControlBlock) + 4095) & ~size_t(4095); }
 size_t ring_stride(size_t ring_bytes) { return sizeof(RingHeader) + ring_bytes; }
-size_t segment_bytes(int world_size, size_t ring_bytes) {
-  return control_bytes() + static_cast<size_t>(world_size) * ring_stride(ring_bytes);
-}
 
 long futex(std::atomic<uint32_t>* addr, int op, uint32_t val, const timespec* ts) {
   // Not FUTEX_PRIVATE: the word lives in memory shared between processes.
@@ -33,16 +30,41 @@ long futex(std::atomic<uint32_t>* addr, int op, uint32_t val, const timespec* ts
 
 }  // namespace
 
+bool segment_size(uint64_t world_size, uint64_t ring_bytes, uint64_t* bytes) {
+  if (world_size < 1 || world_size > static_cast<uint64_t>(kMaxWorldSize) || ring_bytes < kMinRingBytes ||
+      ring_bytes > kMaxRingBytes || ring_bytes % 64 != 0)
+    return false;
+  // At most 2^20 * (2^30 + 128) + control: far below 2^64.
+  *bytes = control_bytes() + world_size * ring_stride(ring_bytes);
+  return true;
+}
+
+std::string check_segment_header(const SegmentHeader& h, uint64_t file_size, int expected_rank, int world_size) {
+  if (h.magic != kSegmentMagic) return detail::concat("bad magic 0x", std::hex, h.magic, " (not a ringcc segment)");
+  if (h.rank != static_cast<uint32_t>(expected_rank) || h.world_size != static_cast<uint32_t>(world_size))
+    return detail::concat("it is the segment of rank ", h.rank, " of a ", h.world_size, "-rank communicator");
+  if (h.pid <= 0) return detail::concat("owner pid ", h.pid, " is not a process id");
+  uint64_t want = 0;
+  if (!segment_size(h.world_size, h.ring_bytes, &want))
+    return detail::concat("ring size ", h.ring_bytes, " bytes is out of range (", kMinRingBytes, "..", kMaxRingBytes,
+                          ", a multiple of 64)");
+  if (file_size != want)
+    return detail::concat("the object holds ", file_size, " bytes where ", h.world_size, " rings of ", h.ring_bytes,
+                          " bytes need ", want);
+  return "";
+}
+
 Segment Segment::create(int rank, int world_size, size_t ring_bytes) {
-  RINGCC_CHECK_ARG(ring_bytes >= 4096 && ring_bytes % 64 == 0,
-                   "shared-memory ring size must be a multiple of 64 and at least 4096 bytes, got ",
-                   ring_bytes);
+  uint64_t total = 0;
+  RINGCC_CHECK_ARG(segment_size(static_cast<uint64_t>(world_size), ring_bytes, &total),
+                   "shared-memory ring size must be a multiple of 64 in [", kMinRingBytes, ", ", kMaxRingBytes,
+                   "] bytes, got ", ring_bytes, " (world size ", world_size, ")");
   std::random_device rd;
   uint64_t nonce = (uint64_t(rd()) << 32) ^ rd();
   Segment s;
   s.name_ = detail::concat("/ringcc-", getpid(), "-", std::hex, nonce, std::dec, "-r", rank);
   s.ring_bytes_ = ring_bytes;
-  s.size_ = segment_bytes(world_size, ring_bytes);
+  s.size_ = static_cast<size_t>(total);
   s.owner_ = true;
   int fd = RINGCC_SYSCHECK(shm_open(s.name_.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600),
                            "creating shared-memory segment ", s.name_);
@@ -66,6 +88,7 @@ Segment Segment::create(int rank, int world_size, size_t ring_bytes) {
   c->world_size = static_cast<uint32_t>(world_size);
   c->rank = static_cast<uint32_t>(rank);
   c->pid = getpid();
+  s.pid_ = c->pid;
   c->ring_bytes = ring_bytes;
   c->doorbell.store(0);
   c->sleepers.store(0);
@@ -110,15 +133,20 @@ Segment Segment::open(const std::string& name, int expected_rank, int world_size
     RINGCC_THROW(PeerError, "cannot map shared-memory segment ", name, ": ",
                  detail::errno_string(errno));
   }
-  auto* c = s.control();
+  const auto* c = s.control();
   std::atomic_thread_fence(std::memory_order_acquire);
-  if (c->magic != kSegmentMagic || c->rank != static_cast<uint32_t>(expected_rank) ||
-      c->world_size != static_cast<uint32_t>(world_size) ||
-      s.size_ != segment_bytes(world_size, c->ring_bytes)) {
-    RINGCC_THROW(PeerError, "shared-memory segment ", name, " does not belong to rank ",
-                 expected_rank, " of a ", world_size, "-rank communicator");
-  }
-  s.ring_bytes_ = c->ring_bytes;
+  // One copy of the layout fields; the rings are placed from it alone.
+  SegmentHeader h;
+  h.magic = c->magic;
+  h.world_size = c->world_size;
+  h.rank = c->rank;
+  h.pid = c->pid;
+  h.ring_bytes = c->ring_bytes;
+  if (std::string bad = check_segment_header(h, s.size_, expected_rank, world_size); !bad.empty())
+    RINGCC_THROW(PeerError, "shared-memory segment ", name, " does not belong to rank ", expected_rank, " of a ",
+                 world_size, "-rank communicator: ", bad);
+  s.ring_bytes_ = static_cast<size_t>(h.ring_bytes);
+  s.pid_ = h.pid;
   return s;
 }
 
@@ -129,6 +157,7 @@ Segment& Segment::operator=(Segment&& o) noexcept {
     base_ = o.base_;
     size_ = o.size_;
     ring_bytes_ = o.ring_bytes_;
+    pid_ = o.pid_;
     owner_ = o.owner_;
     unlinked_ = o.unlinked_;
     o.base_ = nullptr;

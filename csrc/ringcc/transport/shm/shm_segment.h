@@ -60,6 +60,8 @@ class Segment {
   RingHeader* ring(int writer) const;
   char* ring_data(int writer) const { return reinterpret_cast<char*>(ring(writer)) + sizeof(RingHeader); }
   size_t ring_bytes() const { return ring_bytes_; }
+  // The owner's pid as checked when the segment was created or opened.
+  int pid() const { return pid_; }
   // Removes the name (the mapping stays valid). Idempotent.
   void unlink();
 
@@ -71,6 +73,7 @@ class Segment {
   void* base_ = nullptr;
   size_t size_ = 0;
   size_t ring_bytes_ = 0;
+  int pid_ = 0;
   bool owner_ = false;
   bool unlinked_ = false;
 };
@@ -112,6 +115,37 @@ class Mapping {
 // segment of this user whose control block names that rank and a pid that no longer
 // exists is removed. Returns whether it was; never throws.
 bool remove_orphaned_segment(const std::string& name, int expected_rank, int world_size) noexcept;
+
+// The fields of a segment's control block that describe its layout, read once from a
+// peer's mapping (the peer can change them at any time, so they are copied, checked,
+// and only the copy is used).
+struct SegmentHeader {
+  uint64_t magic = 0;
+  uint32_t world_size = 0;
+  uint32_t rank = 0;
+  int32_t pid = 0;
+  uint64_t ring_bytes = 0;
+};
+constexpr uint64_t kMinRingBytes = 4096;
+constexpr uint64_t kMaxRingBytes = uint64_t(1) << 30;
+constexpr int kMaxWorldSize = 1 << 20;
+// Bytes of a segment with `world_size` rings of `ring_bytes`; false when the arguments are
+// out of range (ring_bytes in [kMinRingBytes, kMaxRingBytes] and a multiple of 64,
+// world_size in 1..kMaxWorldSize), so the product cannot overflow.
+bool segment_size(uint64_t world_size, uint64_t ring_bytes, uint64_t* bytes);
+// "" when `h`, read from a mapping of `file_size` bytes, is the segment of `expected_rank`
+// in a `world_size`-rank communicator whose size matches its own ring size; else why not.
+std::string check_segment_header(const SegmentHeader& h, uint64_t file_size, int expected_rank, int world_size);
+// Fill level of a single-producer/single-consumer ring of `capacity` bytes from its two
+// counters (bytes produced `tail`, bytes consumed `head`); false when they are
+// inconsistent (tail - head > capacity), which only a corrupt or hostile peer writing
+// the shared counters can cause. The caller raises PeerError instead of copying.
+inline bool ring_fill(uint64_t head, uint64_t tail, uint64_t capacity, uint64_t* fill) {
+  const uint64_t n = tail - head;  // modular: the counters only ever grow
+  if (n > capacity) return false;
+  *fill = n;
+  return true;
+}
 
 // Waits on the owner's doorbell while it still equals `seen`, at most `timeout_ns`.
 void wait_doorbell(ControlBlock* own, uint32_t seen, long timeout_ns);

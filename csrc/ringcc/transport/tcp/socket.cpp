@@ -14,6 +14,7 @@
 #include <thread>
 
 #include "ringcc/common/error.h"
+#include "ringcc/engine/protocol.h"
 
 namespace ringcc::transport::tcp {
 namespace {
@@ -37,13 +38,28 @@ void wait_fd(int fd, short events, const Deadline& deadline, const char* what) {
 }  // namespace
 
 void split_address(const std::string& addr, std::string* host, int* port) {
+  auto shown = [&] { return peer_text(addr.substr(0, 80)) + (addr.size() > 80 ? "..." : ""); };
+  RINGCC_CHECK_ARG(addr.size() <= kMaxAddressBytes, "address of ", addr.size(), " bytes (at most ",
+                   kMaxAddressBytes, "): '", shown(), "'");
   auto colon = addr.rfind(':');
-  RINGCC_CHECK_ARG(colon != std::string::npos && colon + 1 < addr.size(),
-                   "malformed address '", addr, "' (expected host:port)");
+  RINGCC_CHECK_ARG(colon != std::string::npos && colon > 0 && colon + 1 < addr.size(), "malformed address '",
+                   shown(), "' (expected host:port)");
   std::string h = addr.substr(0, colon);
-  if (h.size() >= 2 && h.front() == '[' && h.back() == ']') h = h.substr(1, h.size() - 2);
+  if (h.front() == '[') {
+    RINGCC_CHECK_ARG(h.size() > 2 && h.back() == ']', "malformed address '", shown(), "' (expected [v6]:port)");
+    h = h.substr(1, h.size() - 2);
+  }
+  const std::string p = addr.substr(colon + 1);
+  int value = 0;
+  bool digits = p.size() <= 5;
+  for (char ch : p) {
+    digits = digits && ch >= '0' && ch <= '9';
+    if (digits) value = value * 10 + (ch - '0');
+  }
+  RINGCC_CHECK_ARG(digits && value >= 1 && value <= 65535, "port '", peer_text(p.substr(0, 20)), "' of address '",
+                   shown(), "' is not a number in 1..65535");
   *host = h;
-  *port = std::atoi(addr.c_str() + colon + 1);
+  *port = value;
 }
 
 std::string join_address(const std::string& host, int port) {
@@ -109,7 +125,11 @@ int Listener::accept_one(const Deadline& deadline) {
 int connect_to(const std::string& addr, const Deadline& deadline, int peer_rank) {
   std::string host;
   int port = 0;
-  split_address(addr, &host, &port);
+  try {
+    split_address(addr, &host, &port);
+  } catch (const std::invalid_argument& e) {
+    RINGCC_THROW(PeerError, "bad address of rank ", peer_rank, ": ", e.what());
+  }
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;

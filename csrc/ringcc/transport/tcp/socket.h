@@ -8,7 +8,10 @@
 
 namespace ringcc::transport::tcp {
 
-// "host:port", "[v6]:port" <-> parts.
+// "host:port", "[v6]:port" <-> parts. split_address bounds what it is given (addresses
+// come from the rendezvous store): at most kMaxAddressBytes, a non-empty host and a
+// decimal port in 1..65535; anything else throws std::invalid_argument naming it.
+constexpr size_t kMaxAddressBytes = 300;
 void split_address(const std::string& addr, std::string* host, int* port);
 std::string join_address(const std::string& host, int port);
 
