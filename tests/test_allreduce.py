@@ -89,6 +89,19 @@ def test_allreduce_large_ring_pipelined(transport):
                         transport=transport, algorithm="ring", in_place=True, seed=1))
 
 
+@pytest.mark.parametrize("world", [2, 3, 5])
+@pytest.mark.parametrize("count", [1, 4, 1001, 70_001])
+@pytest.mark.parametrize("op", ["sum", "avg", "max"])
+def test_out_of_place_ring_reads_the_input_where_it_is(transport, world, count, op):
+    """Out of place, the ring's reduce-scatter takes each rank's contribution from the
+    input instead of a copy in the output: every chunk of the poisoned output must still
+    be written (the first chunk a rank sends is filled only by the allgather), chunks
+    may be empty (count < world), and the input must stay untouched. avg runs the two
+    phases separately, sum and max as one exchange."""
+    _run_allreduce(dict(dtype="float32" if op == "avg" else "int32", op=op, world=world, count=count,
+                        segment=4096, transport=transport, algorithm="ring", in_place=False, seed=count))
+
+
 def test_complex_allreduce_sum_and_avg(transport):
     rng = np.random.default_rng(3)
     inputs = [rng.standard_normal(301) + 1j * rng.standard_normal(301) for _ in range(3)]

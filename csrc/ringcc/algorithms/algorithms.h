@@ -51,11 +51,15 @@ struct Segments {
   size_t length(size_t k) const { return first(k + 1) - first(k); }
 };
 
-// Building blocks (ring.cpp, recursive_doubling.cpp).
-void ring_reduce_scatter(OpContext& ctx, char* buf, const Partition& part, size_t esize, size_t segment_bytes);
+// Building blocks (ring.cpp, recursive_doubling.cpp). With `src` (not buf) the
+// reduce-scatter reads this rank's contribution from src and leaves it untouched: buf
+// needs no copy of the input first, and its chunks are written as the ring reaches them.
+void ring_reduce_scatter(OpContext& ctx, char* buf, const Partition& part, size_t esize, size_t segment_bytes,
+                         const char* src = nullptr);
 void ring_allgather(OpContext& ctx, char* buf, const Partition& part, size_t esize, size_t segment_bytes);
 // Reduce-scatter and allgather fused into one exchange (no per-chunk work between them).
-void ring_allreduce(OpContext& ctx, char* buf, const Partition& part, size_t esize, size_t segment_bytes);
+void ring_allreduce(OpContext& ctx, char* buf, const Partition& part, size_t esize, size_t segment_bytes,
+                    const char* src = nullptr);
 // float32 allreduce (sum/avg) with d.compression on the wire (compressed.cpp).
 void compressed_allreduce(OpContext& ctx, const OpDesc& d, const Tuning& t, Scratch& s);
 void recursive_doubling_allreduce(OpContext& ctx, char* buf, char* tmp, size_t bytes);

@@ -53,7 +53,13 @@ void allreduce(OpContext& ctx, const OpDesc& d, const Tuning& t, Scratch& s) {
   if (d.compression != Compression::kNone) return compressed_allreduce(ctx, d, t, s);
   const int n = ctx.size();
   char* out = static_cast<char*>(d.out);
-  WorkBuffer w = prepare(ctx, d, d.in, out, d.count, s, 0);
+  // Out of place over the ring, the reduce-scatter reads the input where it is instead
+  // of copying all of it into out first (a full pass over memory saved).
+  const char* src = n > 1 && !is_half(d.dtype) && d.in != d.out &&
+                            !use_recursive_doubling(d, d.count * element_size(d.dtype), t)
+                        ? static_cast<const char*>(d.in)
+                        : nullptr;
+  WorkBuffer w = prepare(ctx, d, src ? out : d.in, out, d.count, s, 0);
   if (n > 1) {
     if (use_recursive_doubling(d, d.count * w.esize, t)) {
       recursive_doubling_allreduce(ctx, w.data, s.get(1, d.count * w.esize), d.count * w.esize);
@@ -63,10 +69,10 @@ void allreduce(OpContext& ctx, const OpDesc& d, const Tuning& t, Scratch& s) {
       const int r = ctx.rank();
       if (!is_half(d.dtype) && d.op != ReduceOp::kAvg) {
         // Nothing to do to the owned chunk between the phases: run them as one.
-        ring_allreduce(ctx, w.data, part, w.esize, t.segment_bytes);
+        ring_allreduce(ctx, w.data, part, w.esize, t.segment_bytes, src);
         return;
       }
-      ring_reduce_scatter(ctx, w.data, part, w.esize, t.segment_bytes);
+      ring_reduce_scatter(ctx, w.data, part, w.esize, t.segment_bytes, src);
       finish_avg(d, w, part.offset[r], part.count[r], n);
       if (is_half(d.dtype)) {
         // Narrow only the chunk this rank owns; the allgather moves 16-bit values.

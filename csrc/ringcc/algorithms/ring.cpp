@@ -34,26 +34,40 @@ namespace {
 
 // A plain buffer: chunk c is part's range c, cut into frames of segment_bytes; a
 // reduce-scatter receive folds the incoming partial sum into ours as it streams in.
+// With `src` (out-of-place), buf starts unwritten: the reduce-scatter takes this rank's
+// contribution from src instead, sending its first chunk straight from there and
+// writing incoming (op) src into buf, so the input is never copied up front. (The
+// first chunk sent, r-1, is the only one a reduce-scatter never receives; the
+// allgather fills it.)
 struct PlainLayout {
   char* buf;
   const Partition& part;
   size_t esize, segment_bytes;
   bool reduce;
+  const char* src = nullptr;
+  int src_chunk = -1;  // the chunk sent from src
 
   Segments segs(int c) const { return Segments(part.count[c], esize, segment_bytes); }
-  char* at(int c, size_t k) const { return buf + (part.offset[c] + segs(c).first(k)) * esize; }
+  size_t offset(int c, size_t k) const { return (part.offset[c] + segs(c).first(k)) * esize; }
+  char* at(int c, size_t k) const { return buf + offset(c, k); }
   size_t bytes(int c, size_t k) const { return segs(c).length(k) * esize; }
   size_t segments(int c) const { return segs(c).count; }
-  Transfer send(int c, size_t k) const { return Transfer::send(-1, at(c, k), bytes(c, k)); }
+  Transfer send(int c, size_t k) const {
+    return Transfer::send(-1, src && c == src_chunk ? src + offset(c, k) : at(c, k), bytes(c, k));
+  }
   Transfer recv(int, int c, size_t k) const {
-    return reduce ? Transfer::recv_reduce(-1, at(c, k), bytes(c, k), /*incoming_first=*/true)
-                  : Transfer::recv(-1, at(c, k), bytes(c, k));
+    if (!reduce) return Transfer::recv(-1, at(c, k), bytes(c, k));
+    Transfer t = Transfer::recv_reduce(-1, at(c, k), bytes(c, k), /*incoming_first=*/true);
+    if (src) t.operand = src + offset(c, k);
+    return t;
   }
 };
 
 std::vector<uint32_t> append_reduce_scatter(OpContext& ctx, std::vector<Transfer>& v, char* buf,
-                                            const Partition& part, size_t esize, size_t segment_bytes) {
-  PlainLayout layout{buf, part, esize, segment_bytes, /*reduce=*/true};
+                                            const Partition& part, size_t esize, size_t segment_bytes,
+                                            const char* src) {
+  PlainLayout layout{buf, part, esize, segment_bytes, /*reduce=*/true, src,
+                     rs_send_chunk(ctx.rank(), 0, ctx.size())};
   return append_ring_phase(ctx, v, layout, rs_send_chunk, rs_recv_chunk);
 }
 
@@ -67,9 +81,10 @@ void append_allgather(OpContext& ctx, std::vector<Transfer>& v, char* buf, const
 
 }  // namespace
 
-void ring_reduce_scatter(OpContext& ctx, char* buf, const Partition& part, size_t esize, size_t segment_bytes) {
+void ring_reduce_scatter(OpContext& ctx, char* buf, const Partition& part, size_t esize, size_t segment_bytes,
+                         const char* src) {
   std::vector<Transfer> v;
-  append_reduce_scatter(ctx, v, buf, part, esize, segment_bytes);
+  append_reduce_scatter(ctx, v, buf, part, esize, segment_bytes, src);
   ctx.exchange(v);
 }
 
@@ -83,9 +98,10 @@ void ring_allgather(OpContext& ctx, char* buf, const Partition& part, size_t esi
 // again as soon as its last partial sum has arrived, so the links never drain between
 // the phases. (A segment's final value can only come back from the left after this
 // rank's own send of that segment went out, so no buffer is written while it is read.)
-void ring_allreduce(OpContext& ctx, char* buf, const Partition& part, size_t esize, size_t segment_bytes) {
+void ring_allreduce(OpContext& ctx, char* buf, const Partition& part, size_t esize, size_t segment_bytes,
+                    const char* src) {
   std::vector<Transfer> v;
-  std::vector<uint32_t> own = append_reduce_scatter(ctx, v, buf, part, esize, segment_bytes);
+  std::vector<uint32_t> own = append_reduce_scatter(ctx, v, buf, part, esize, segment_bytes, src);
   append_allgather(ctx, v, buf, part, esize, segment_bytes, std::move(own));
   ctx.exchange(v);
 }

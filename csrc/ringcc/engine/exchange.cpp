@@ -248,8 +248,9 @@ bool Runner::advance_recv(Transfer& x) {
           break;
         }
         char* dst = x.data + x.done;
-        if (x.incoming_first) kernels::reduce(dst, p, dst, take / esize, ctx_.reduce_dtype, ctx_.reduce_op);
-        else kernels::reduce(dst, dst, p, take / esize, ctx_.reduce_dtype, ctx_.reduce_op);
+        const char* local = x.operand ? x.operand + x.done : dst;
+        if (x.incoming_first) kernels::reduce(dst, p, local, take / esize, ctx_.reduce_dtype, ctx_.reduce_op);
+        else kernels::reduce(dst, local, p, take / esize, ctx_.reduce_dtype, ctx_.reduce_op);
         link->consume(take);
         x.done += take;
         moved = true;

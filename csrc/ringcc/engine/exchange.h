@@ -32,6 +32,10 @@ struct Transfer {
   // false. Algorithms keep the lower rank's operand first so every rank computes the
   // same bits.
   bool incoming_first = false;
+  // For kReduce: the local operand, when it is not `data` itself (an out-of-place
+  // reduction folds incoming (op) operand into data, so the input is never copied
+  // first); read at the same offsets as data. nullptr: data is the local operand.
+  const char* operand = nullptr;
   int peer = -1;
   char* data = nullptr;
   size_t bytes = 0;
