@@ -30,6 +30,25 @@ class MemoryStore:
             return self._data.get(key)
 
 
+class SharedStore(MemoryStore):
+    """A set/get store that tells waiting test code when a key is written."""
+
+    def __init__(self, wait_seconds: float = 60.0) -> None:
+        super().__init__()
+        self._cv = threading.Condition()
+        self._wait = wait_seconds  # a hang detector: no key should take near this long
+
+    def set(self, key, value) -> None:
+        super().set(key, value)
+        with self._cv:
+            self._cv.notify_all()
+
+    def wait_for(self, key: str) -> bytes:
+        with self._cv:
+            assert self._cv.wait_for(lambda: self.get(key) is not None, self._wait), f"{key} never appeared"
+        return self.get(key)
+
+
 class RankFailures(Exception):
     """Raised by run_ranks when any rank raised; .errors[r] is rank r's exception or None."""
 

@@ -30,7 +30,7 @@ from hypothesis import given, settings, strategies as st
 import ringcc
 from ringcc import _store, ps
 from ringcc._native import _C
-from conftest import MemoryStore
+from conftest import MemoryStore, SharedStore
 from ps_helpers import (AUTH, CHALLENGE, ERROR, HELLO, OK, close_all, make_clients, raw_authenticate, raw_header,
                         raw_reply, recv_exact, start_servers)
 
@@ -134,24 +134,6 @@ def test_native_sides_refuse_a_missing_or_short_secret():
 
 
 # --------------------------------------------------------------------------- mesh helpers
-
-
-class SharedStore(MemoryStore):
-    """A set/get store that tells waiting test code when a key is written."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._cv = threading.Condition()
-
-    def set(self, key, value) -> None:
-        super().set(key, value)
-        with self._cv:
-            self._cv.notify_all()
-
-    def wait_for(self, key: str) -> bytes:
-        with self._cv:
-            assert self._cv.wait_for(lambda: self.get(key) is not None, WAIT), f"{key} never appeared"
-        return self.get(key)
 
 
 class View:

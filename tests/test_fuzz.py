@@ -36,7 +36,7 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 import ringcc
 from ringcc import ps
 from ringcc._native import _C
-from conftest import MemoryStore
+from conftest import MemoryStore, SharedStore
 from ps_helpers import HDR, PS_MAGIC, PS_VERSION, close_all, make_clients, raw_reply, recv_exact, start_servers
 
 F = _C._fuzz
@@ -339,22 +339,6 @@ def test_forged_rendezvous_record_is_refused_by_name(bad, why):
 
 
 # --------------------------------------------------------------------------- a fake rank over TCP
-
-
-class SharedStore(MemoryStore):
-    def __init__(self) -> None:
-        super().__init__()
-        self._cv = threading.Condition()
-
-    def set(self, key, value) -> None:
-        super().set(key, value)
-        with self._cv:
-            self._cv.notify_all()
-
-    def wait_for(self, key: str) -> bytes:
-        with self._cv:
-            assert self._cv.wait_for(lambda: self.get(key) is not None, WAIT), f"{key} never appeared"
-        return self.get(key)
 
 
 def _mesh_proof(secret, role, dialler, acceptor, nonce_d, nonce_a, challenge_d, challenge_a):
@@ -777,7 +761,7 @@ def test_ps_unauthenticated_message_with_shm_flag_is_refused_and_the_server_keep
         client.shutdown()
         client.close()
         assert proc.wait(WAIT) == 0, proc.stderr.read()[-2000:]
-        assert f"rejected a connection from 127.0.0.1:" in proc.stderr.read()
+        assert "rejected a connection from 127.0.0.1:" in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -100,7 +100,7 @@ def join_generation(store: Any, base: str, rank: int, world_size: int, timeout: 
     if rank != 0:
         join = store.add(f"{base}joins/{rank}", 1)
         key = f"{base}assign/{rank}/{join}"
-        _poll(lambda: _exists(store, key), deadline, lambda: TimeoutError(
+        _poll(lambda: _exists(store, key), deadline, lambda: _C.TimeoutError(
             f"rendezvous {base!r}: rank {rank} waited {timeout} s for rank 0 to join (is rank 0 running and "
             "using the same store?)"))
         generation = int(_text(store.get(key)))
@@ -120,7 +120,7 @@ def join_generation(store: Any, base: str, rank: int, world_size: int, timeout: 
                 answered[r] = join
         return not answered
 
-    _poll(everyone_joined, deadline, lambda: TimeoutError(
+    _poll(everyone_joined, deadline, lambda: _C.TimeoutError(
         f"rendezvous {base!r}: rank(s) {sorted(answered)} did not join within {timeout} s"))
     return generation
 

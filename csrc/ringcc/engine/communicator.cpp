@@ -422,19 +422,6 @@ bool classify(std::exception_ptr error, AbortKind* kind, std::string* text) {
   return comm_error;
 }
 
-// One field of a rendezvous record ("k=v;k=v;..."), "" if absent.
-std::string record_field(const std::string& record, const std::string& key) {
-  size_t at = 0;
-  while (at <= record.size()) {
-    size_t end = record.find(';', at);
-    if (end == std::string::npos) end = record.size();
-    if (record.compare(at, key.size() + 1, key + "=") == 0)
-      return record.substr(at + key.size() + 1, end - at - key.size() - 1);
-    at = end + 1;
-  }
-  return "";
-}
-
 }  // namespace
 
 std::exception_ptr Communicator::guarded(const std::function<void()>& body) {
@@ -453,21 +440,24 @@ std::exception_ptr Communicator::guarded(const std::function<void()>& body) {
 }
 
 std::vector<std::pair<int, int>> Communicator::reap_dead_local_peers(const std::vector<std::string>& infos) {
-  const std::string own_host = record_field(local_info(), "host");
   std::vector<std::pair<int, int>> dead;
+  PeerInfo own;
+  try {
+    own = parse_rendezvous_record(local_info(), rank_);
+  } catch (const std::exception&) {
+    return dead;
+  }
   for (int r = 0; r < size_ && r < static_cast<int>(infos.size()); ++r) {
-    const std::string& info = infos[r];
-    if (r == rank_ || record_field(info, "host") != own_host) continue;
-    int pid = 0;
+    if (r == rank_) continue;
+    PeerInfo peer;
     try {
-      pid = std::stoi(record_field(info, "pid"));
+      peer = parse_rendezvous_record(infos[r], r);
     } catch (const std::exception&) {
       continue;  // a malformed record: setup already says so
     }
-    if (pid <= 0 || pid == getpid() || kill(pid, 0) == 0 || errno != ESRCH) continue;
-    dead.emplace_back(r, pid);
-    const std::string shm = record_field(info, "shm");
-    if (!shm.empty()) transport::shm::remove_orphaned_segment(shm, r, size_);
+    if (peer.host != own.host || peer.pid == getpid() || kill(peer.pid, 0) == 0 || errno != ESRCH) continue;
+    dead.emplace_back(r, peer.pid);
+    if (!peer.shm.empty()) transport::shm::remove_orphaned_segment(peer.shm, r, size_);
   }
   return dead;
 }
