@@ -63,7 +63,9 @@ def destroy() -> None:
     seconds = time.monotonic() - t0
     gc.collect()
     # Settler threads of the torch backend are shared by all groups and end after a
-    # few idle seconds; they are counted apart.
+    # few idle seconds; they are counted apart. (main() keeps them from ending during a
+    # run: one leaving between the two counts below would be listed by neither or by
+    # /proc alone.)
     settlers = [t.name for t in threading.enumerate() if t.name.startswith("ringcc")]
     say("DESTROYED", seconds=seconds, settlers=settlers, threads=[THREADS_BEFORE_INIT, thread_count()])
 
@@ -172,6 +174,7 @@ def main() -> None:
     args = p.parse_args()
     global THREADS_BEFORE_INIT
     THREADS_BEFORE_INIT = thread_count()
+    ringcc.torch_backend._SETTLER.IDLE_EXIT_S = 3600.0  # see destroy()
     dist.init_process_group("ringcc", init_method=args.init_method, rank=args.rank, world_size=args.world,
                             timeout=datetime.timedelta(seconds=args.timeout))
     {"stream": stream, "abort": abort, "inflight": inflight, "unmatched": unmatched,
