@@ -235,6 +235,11 @@ def run_loop(args, store) -> None:
         comm.close()
     if aborter is not None:
         aborter.join(30)  # this test's own thread, not the communicator's
+        # join() returns just before the OS thread is gone: wait (bounded) until /proc,
+        # which thread_count() reads, no longer lists it.
+        until = time.monotonic() + 10
+        while os.path.exists(f"/proc/self/task/{aborter.native_id}") and time.monotonic() < until:
+            time.sleep(0.001)
     threads_after = thread_count()
     sockets_after = sum(t.startswith("socket:") for t in fd_targets())
     del comm
