@@ -7,7 +7,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cctype>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -73,19 +72,6 @@ struct Proof {
 static_assert(sizeof(Hello) == kMeshHelloBytes && sizeof(Challenge) == 72 && sizeof(Proof) == 36,
               "handshake messages have a fixed wire layout");
 
-// Decimal (no sign, no spaces) in [lo, hi]; false otherwise.
-bool parse_decimal(const std::string& s, uint64_t lo, uint64_t hi, uint64_t* out) {
-  if (s.empty() || s.size() > 19) return false;
-  uint64_t v = 0;
-  for (char c : s) {
-    if (c < '0' || c > '9') return false;
-    v = v * 10 + static_cast<uint64_t>(c - '0');
-  }
-  if (v < lo || v > hi) return false;
-  *out = v;
-  return true;
-}
-
 bool parse_hex64(const std::string& s, uint64_t* out) {
   if (s.empty() || s.size() > 16) return false;
   uint64_t v = 0;
@@ -98,15 +84,6 @@ bool parse_hex64(const std::string& s, uint64_t* out) {
     v = (v << 4) | static_cast<uint64_t>(d);
   }
   *out = v;
-  return true;
-}
-
-// The names transport::shm::Segment::create makes: "/ringcc-", then letters, digits, dashes.
-bool valid_segment_name(const std::string& s) {
-  static const std::string prefix = "/ringcc-";
-  if (s.size() <= prefix.size() || s.size() > 255 || s.compare(0, prefix.size(), prefix) != 0) return false;
-  for (size_t i = prefix.size(); i < s.size(); ++i)
-    if (!std::isalnum(static_cast<unsigned char>(s[i])) && s[i] != '-') return false;
   return true;
 }
 
@@ -516,7 +493,7 @@ PeerInfo parse_rendezvous_record(const std::string& line, int expected_rank) {
     }
   }
   p.tcp = value[3];
-  if (!value[4].empty() && !valid_segment_name(value[4]))
+  if (!value[4].empty() && !transport::shm::is_ringcc_object_name(value[4], "/ringcc-", 255))
     bad("shm is not a ringcc shared-memory segment name");
   p.shm = value[4];
   if (!parse_decimal(value[5], 1, 0x7fffffff, &v)) bad("pid is not a process id");
@@ -751,30 +728,11 @@ void Mesh::release() noexcept {
   if (!released_kinds_.empty()) return;
   std::vector<std::string> kinds;
   for (int p = 0; p < size_; ++p) kinds.push_back(link_kind(p));
-  // A peer still sending to this rank has not read its goodbye or abort frame yet, and
-  // closing with its bytes unread would reset the connection: it would report a lost
-  // connection instead of the reason. So read on while it keeps sending, until it ends
-  // its side, for at most half a second in all; a quiet peer costs nothing.
+  // A peer still sending to this rank has not read its goodbye or abort frame yet:
+  // read on while it keeps sending, for at most half a second in all.
   Deadline bound = Deadline::after(0.5);
   for (auto& l : links_) {
-    if (l && l->kind() == LinkKind::kTcp) {
-      try {
-        bool sending = false;
-        for (;;) {
-          const void* p;
-          if (size_t n = l->peek(&p)) {
-            l->consume(n);
-            sending = true;
-            continue;
-          }
-          if (l->eof() || !sending || bound.expired()) break;
-          pollfd pfd{l->poll_fd(false), POLLIN, 0};
-          sending = ::poll(&pfd, 1, 50) > 0;  // quiet for 50 ms: it has stopped sending
-        }
-      } catch (const std::exception&) {
-        // A reset connection has nothing left to drain.
-      }
-    }
+    if (l && l->kind() == LinkKind::kTcp) static_cast<transport::tcp::TcpLink*>(l.get())->drain(bound);
     l.reset();
   }
   listener_.reset();

@@ -173,4 +173,16 @@ std::string peer_text(const char* p, size_t n) {
   return out;
 }
 
+bool parse_decimal(const std::string& s, uint64_t lo, uint64_t hi, uint64_t* out) {
+  if (s.empty() || s.size() > 19) return false;
+  uint64_t v = 0;
+  for (char c : s) {
+    if (c < '0' || c > '9') return false;
+    v = v * 10 + static_cast<uint64_t>(c - '0');
+  }
+  if (v < lo || v > hi) return false;
+  *out = v;
+  return true;
+}
+
 }  // namespace ringcc

@@ -108,5 +108,8 @@ bool parse_abort_frame(const void* p, size_t n, uint32_t sender, AbortKind* kind
 // message cannot be cut at a NUL.
 std::string peer_text(const char* p, size_t n);
 inline std::string peer_text(const std::string& s) { return peer_text(s.data(), s.size()); }
+// A decimal number from a peer or the store: digits only (no sign, no spaces, at most
+// 19), in [lo, hi]; false otherwise.
+bool parse_decimal(const std::string& s, uint64_t lo, uint64_t hi, uint64_t* out);
 
 }  // namespace ringcc

@@ -9,7 +9,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cctype>
 #include <cstdio>
 #include <cstring>
 #include <deque>
@@ -68,16 +67,6 @@ struct Conn {
 };
 
 bool in_shm(const Header& h) { return (h.flags & kFlagShmPayload) != 0; }
-
-// Only names this library makes: the prefix, then letters, digits and dashes.
-bool valid_shm_name(const std::string& n) {
-  const std::string prefix = kShmNamePrefix;
-  if (n.size() <= prefix.size() || n.size() > kMaxShmNameBytes || n.compare(0, prefix.size(), prefix) != 0)
-    return false;
-  for (size_t i = prefix.size(); i < n.size(); ++i)
-    if (!std::isalnum(static_cast<unsigned char>(n[i])) && n[i] != '-') return false;
-  return true;
-}
 
 struct Waiter {
   uint64_t conn;
@@ -374,7 +363,7 @@ struct Server::Impl {
   void on_shm_attach(Conn& c, const Header& h) {
     c.shm_offered = false;
     std::string name(c.body.begin(), c.body.end());
-    if (!valid_shm_name(name))
+    if (!transport::shm::is_ringcc_object_name(name, kShmNamePrefix, kMaxShmNameBytes))
       return send_error(c, 0, ErrorCode::kBadRequest,
                         detail::concat("SHM_ATTACH: '", name, "' is not a ringcc parameter-server object name"));
     try {

@@ -8,6 +8,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <climits>
 #include <cstring>
 #include <new>
@@ -22,6 +23,18 @@ constexpr uint64_t kSegmentMagic = 0x52494e4743435348ull;  // "RINGCCSH"
 
 size_t control_bytes() { return (sizeof(ControlBlock) + 4095) & ~size_t(4095); }
 size_t ring_stride(size_t ring_bytes) { return sizeof(RingHeader) + ring_bytes; }
+
+// One copy of the layout fields of a control block another process may still write.
+SegmentHeader header_of(const ControlBlock* c) {
+  std::atomic_thread_fence(std::memory_order_acquire);
+  SegmentHeader h;
+  h.magic = c->magic;
+  h.world_size = c->world_size;
+  h.rank = c->rank;
+  h.pid = c->pid;
+  h.ring_bytes = c->ring_bytes;
+  return h;
+}
 
 long futex(std::atomic<uint32_t>* addr, int op, uint32_t val, const timespec* ts) {
   // Not FUTEX_PRIVATE: the word lives in memory shared between processes.
@@ -133,15 +146,7 @@ Segment Segment::open(const std::string& name, int expected_rank, int world_size
     RINGCC_THROW(PeerError, "cannot map shared-memory segment ", name, ": ",
                  detail::errno_string(errno));
   }
-  const auto* c = s.control();
-  std::atomic_thread_fence(std::memory_order_acquire);
-  // One copy of the layout fields; the rings are placed from it alone.
-  SegmentHeader h;
-  h.magic = c->magic;
-  h.world_size = c->world_size;
-  h.rank = c->rank;
-  h.pid = c->pid;
-  h.ring_bytes = c->ring_bytes;
+  const SegmentHeader h = header_of(s.control());  // the rings are placed from this copy alone
   if (std::string bad = check_segment_header(h, s.size_, expected_rank, world_size); !bad.empty())
     RINGCC_THROW(PeerError, "shared-memory segment ", name, " does not belong to rank ", expected_rank, " of a ",
                  world_size, "-rank communicator: ", bad);
@@ -275,6 +280,14 @@ void Mapping::unlink() {
   }
 }
 
+bool is_ringcc_object_name(const std::string& name, const std::string& prefix, size_t max_bytes) {
+  if (name.size() <= prefix.size() || name.size() > max_bytes || name.compare(0, prefix.size(), prefix) != 0)
+    return false;
+  for (size_t i = prefix.size(); i < name.size(); ++i)
+    if (!std::isalnum(static_cast<unsigned char>(name[i])) && name[i] != '-') return false;
+  return true;
+}
+
 bool remove_orphaned_segment(const std::string& name, int expected_rank, int world_size) noexcept {
   if (name.rfind("/ringcc-", 0) != 0) return false;  // never someone else's object
   int fd = shm_open(name.c_str(), O_RDONLY, 0);
@@ -286,14 +299,11 @@ bool remove_orphaned_segment(const std::string& name, int expected_rank, int wor
     base = mmap(nullptr, control_bytes(), PROT_READ, MAP_SHARED, fd, 0);
   close(fd);
   if (base == MAP_FAILED) return false;
-  const auto* c = static_cast<const ControlBlock*>(base);
-  std::atomic_thread_fence(std::memory_order_acquire);
-  const bool ours = c->magic == kSegmentMagic && c->rank == static_cast<uint32_t>(expected_rank) &&
-                    c->world_size == static_cast<uint32_t>(world_size);
-  const pid_t pid = c->pid;
+  const SegmentHeader h = header_of(static_cast<const ControlBlock*>(base));
   munmap(base, control_bytes());
+  const bool ours = check_segment_header(h, static_cast<uint64_t>(st.st_size), expected_rank, world_size).empty();
   // ESRCH: no such process. EPERM would mean it exists (as another user).
-  const bool gone = ours && pid > 0 && pid != getpid() && kill(pid, 0) != 0 && errno == ESRCH;
+  const bool gone = ours && h.pid != getpid() && kill(h.pid, 0) != 0 && errno == ESRCH;
   return gone && shm_unlink(name.c_str()) == 0;
 }
 

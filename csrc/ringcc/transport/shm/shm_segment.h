@@ -110,10 +110,15 @@ class Mapping {
   bool unlinked_ = false;
 };
 
+// Whether `name` is a shared-memory object name this library makes: `prefix`, then
+// at least one letter, digit or dash, at most `max_bytes` in all. Names read from a
+// peer or the store are checked with it before anything is opened under them.
+bool is_ringcc_object_name(const std::string& name, const std::string& prefix, size_t max_bytes);
+
 // Removes the name of rank `expected_rank`'s segment if its owner process is gone: a
 // rank killed during setup, before it could remove the name itself. Only a ringcc
-// segment of this user whose control block names that rank and a pid that no longer
-// exists is removed. Returns whether it was; never throws.
+// segment of this user whose control block passes check_segment_header for that rank
+// and names a pid that no longer exists is removed. Returns whether it was; never throws.
 bool remove_orphaned_segment(const std::string& name, int expected_rank, int world_size) noexcept;
 
 // The fields of a segment's control block that describe its layout, read once from a

@@ -50,16 +50,11 @@ void split_address(const std::string& addr, std::string* host, int* port) {
     h = h.substr(1, h.size() - 2);
   }
   const std::string p = addr.substr(colon + 1);
-  int value = 0;
-  bool digits = p.size() <= 5;
-  for (char ch : p) {
-    digits = digits && ch >= '0' && ch <= '9';
-    if (digits) value = value * 10 + (ch - '0');
-  }
-  RINGCC_CHECK_ARG(digits && value >= 1 && value <= 65535, "port '", peer_text(p.substr(0, 20)), "' of address '",
-                   shown(), "' is not a number in 1..65535");
+  uint64_t value = 0;
+  RINGCC_CHECK_ARG(p.size() <= 5 && parse_decimal(p, 1, 65535, &value), "port '", peer_text(p.substr(0, 20)),
+                   "' of address '", shown(), "' is not a number in 1..65535");
   *host = h;
-  *port = value;
+  *port = static_cast<int>(value);
 }
 
 std::string join_address(const std::string& host, int port) {

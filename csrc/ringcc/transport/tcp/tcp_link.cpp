@@ -121,18 +121,22 @@ void TcpLink::shutdown_write() {
   for (int fd : fds_) ::shutdown(fd, SHUT_WR);
 }
 
-void TcpLink::drain_until_eof(double seconds) {
-  Deadline d = Deadline::after(seconds);
-  std::vector<char> sink(64 * 1024);
-  for (int fd : fds_) {
-    while (!d.expired()) {
-      ssize_t k = ::recv(fd, sink.data(), sink.size(), MSG_DONTWAIT);
-      if (k == 0 || (k < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) break;
-      if (k < 0) {
-        pollfd p{fd, POLLIN, 0};
-        poll(&p, 1, 10);
+void TcpLink::drain(const Deadline& deadline) noexcept {
+  try {
+    bool sending = false;
+    for (;;) {
+      const void* p;
+      if (size_t n = peek(&p)) {
+        consume(n);
+        sending = true;
+        continue;
       }
+      if (eof_ || !sending || deadline.expired()) return;
+      pollfd pfd{poll_fd(false), POLLIN, 0};
+      sending = ::poll(&pfd, 1, 50) > 0;  // quiet for 50 ms: it has stopped sending
     }
+  } catch (const std::exception&) {
+    // A reset connection has nothing left to drain.
   }
 }
 

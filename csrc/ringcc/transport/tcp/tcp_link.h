@@ -8,6 +8,7 @@
 
 #include <vector>
 
+#include "ringcc/common/clock.h"
 #include "ringcc/transport/link.h"
 
 namespace ringcc::transport::tcp {
@@ -28,9 +29,11 @@ class TcpLink final : public Link {
 
   // Graceful end of the write side (after a bye or abort frame).
   void shutdown_write();
-  // Reads and discards until EOF or the deadline (lets the peer's last frames land
-  // before close(), which would otherwise reset the connection).
-  void drain_until_eof(double seconds);
+  // Reads and discards what the peer still sends, until EOF, until it has been quiet
+  // for 50 ms, or until `deadline` (closing with its bytes unread would reset the
+  // connection, and the peer would report a lost connection instead of our goodbye or
+  // abort frame). Returns at once when nothing is waiting. Never throws.
+  void drain(const Deadline& deadline) noexcept;
 
  private:
   int stream_for(uint64_t offset) const { return static_cast<int>((offset / stripe_) % fds_.size()); }
