@@ -34,20 +34,21 @@ class StoreClient:
         full = self._prefix + key
         if self._blocking:
             return _text(self._store.get(full))
-        deadline = time.monotonic() + self._timeout
-        delay = 0.001
-        while True:
+        found = []  # stores that cannot block are polled, with back-off
+
+        def arrived() -> bool:
             try:
                 value = self._store.get(full)
             except KeyError:
                 value = None
             if value is not None:
-                return _text(value)
-            if time.monotonic() > deadline:
-                label = f"{what} (key {full!r})" if what else f"key {full!r}"
-                raise _C.TimeoutError(f"rendezvous: {label} did not appear in the store within {self._timeout} s")
-            time.sleep(delay)  # polling back-off for stores that cannot block
-            delay = min(delay * 2, 0.05)
+                found.append(value)
+            return bool(found)
+
+        label = f"{what} (key {full!r})" if what else f"key {full!r}"
+        _poll(arrived, time.monotonic() + self._timeout, lambda: _C.TimeoutError(
+            f"rendezvous: {label} did not appear in the store within {self._timeout} s"))
+        return _text(found[0])
 
 
 def _text(value: Any) -> str:
