@@ -13,7 +13,15 @@ by side. Each result is reported as a fraction of the link bound of a ring allre
 
     t_bound = 2 (n - 1) / n * S / B      (n ranks on n hosts, S bytes, B link rate)
 
-i.e. busbw / B.
+i.e. busbw / B. Before the job, the links are measured with plain TCP streams: one
+alone, then every host sending to its right neighbour at once (a ring's traffic without
+its data dependencies): what the emulated network itself delivers. After it, the report
+lists each host's shaper and TCP counters (packets, drops, retransmissions).
+
+The hosts' TCP congestion control is cubic (the kernel's default) unless
+--congestion-control names another: the machine's own choice does not leak into the
+emulated hosts. (Under bbr the veth links' microsecond round trips make plain streams
+in the ring pattern fall to about 95% of the rate here.)
 
     sudo python3 bench/emulate_hosts.py --hosts 4 --rate-gbit 2 --sizes 1M,16M,64M \\
         --out-md bench/results/emulated_4hosts_2gbit.md
@@ -110,13 +118,16 @@ def unavailable() -> Optional[str]:
 class Topology:
     """H namespaces on one bridge, each link shaped to `rate_gbit` both ways."""
 
-    def __init__(self, hosts: int, rate_gbit: float, burst_bytes: int, mtu: int = 9000):
+    def __init__(self, hosts: int, rate_gbit: float, burst_bytes: int, mtu: int = 9000,
+                 congestion_control: Optional[str] = None):
         tag = f"rcc{os.getpid() % 100000}"
         self.switch = f"{tag}sw"
         self.hosts = [f"{tag}h{i}" for i in range(hosts)]
         self.rate_gbit = rate_gbit
         self.burst_bytes = burst_bytes
         self.mtu = mtu
+        # None: whatever new namespaces inherit from the machine
+        self.congestion_control = congestion_control
         self.made: List[str] = []
 
     def ip_of(self, i: int) -> str:
@@ -137,6 +148,8 @@ class Topology:
             self._in(ns, "ip", "addr", "add", f"{self.ip_of(i)}/24", "dev", "eth0")
             self._in(ns, "ip", "link", "set", "eth0", "up")
             self._in(ns, "ip", "link", "set", "lo", "up")
+            if self.congestion_control:
+                self._in(ns, "sysctl", "-q", "-w", f"net.ipv4.tcp_congestion_control={self.congestion_control}")
             self._in(self.switch, "ip", "link", "set", f"port{i}", "master", "br0")
             self._in(self.switch, "ip", "link", "set", f"port{i}", "up")
             # Host egress (eth0) and host ingress (the switch port's egress).
@@ -210,6 +223,35 @@ class Topology:
         for where, dev in ((self.hosts[i], "eth0"), (self.switch, f"port{i}")):
             self._in(where, "tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate,
                      "burst", str(self.burst_bytes), "latency", "20ms")
+
+    # ------------------------------------------------------------------ statistics
+    TCP_COUNTERS = ("TcpOutSegs", "TcpRetransSegs", "TcpExtTCPLostRetransmit", "TcpExtTCPTimeouts",
+                    "TcpExtTCPFastRetrans", "TcpExtTCPSackRecovery", "TcpExtTCPSpuriousRTOs")
+
+    def link_stats(self) -> List[dict]:
+        """Per host, since the namespaces were made: what each shaper (host egress
+        "eth0", host ingress "port<i>") sent, dropped and delayed, and the host's TCP
+        segment and retransmission counters. A drop costs the ring a retransmission;
+        "overlimits" counts packets the bucket made wait (the shaping itself)."""
+        out = []
+        for i, ns in enumerate(self.hosts):
+            host = {"host": i}
+            for key, where, dev in (("egress", ns, "eth0"), ("ingress", self.switch, f"port{i}")):
+                q = sh("ip", "netns", "exec", where, "tc", "-s", "-j", "qdisc", "show", "dev", dev, check=False)
+                try:
+                    tbf = next(x for x in json.loads(q.stdout) if x.get("kind") == "tbf")
+                    host[key] = {k: tbf.get(k) for k in ("bytes", "packets", "drops", "overlimits", "requeues")}
+                except (ValueError, StopIteration):
+                    host[key] = None
+            counters = {}
+            # -a absolute values, -s leave nstat's history file alone, -z keep zeros.
+            for line in sh("ip", "netns", "exec", ns, "nstat", "-asz", check=False).stdout.splitlines():
+                f = line.split()
+                if len(f) >= 2 and f[0] in self.TCP_COUNTERS:
+                    counters[f[0]] = int(f[1])
+            host["tcp"] = counters
+            out.append(host)
+        return out
 
     def __enter__(self) -> "Topology":
         try:
@@ -355,28 +397,54 @@ c, _ = s.accept(); buf = bytearray(1 << 20)
 while c.recv_into(buf):
     pass
 """
+# Connects, says so, and sends for 2 s once a line arrives on stdin (the harness starts
+# every stream of a measurement at once that way); prints Gbit/s.
 _SOURCE = """
 import socket, sys, time
-c = socket.create_connection((sys.argv[1], 5301)); data = b"x" * (1 << 20); n = 0; t0 = time.perf_counter()
+c = socket.create_connection((sys.argv[1], 5301)); data = b"x" * (1 << 20); n = 0
+print("connected", flush=True); sys.stdin.readline(); t0 = time.perf_counter()
 while time.perf_counter() - t0 < 2.0:
     c.sendall(data); n += len(data)
-c.shutdown(socket.SHUT_WR); c.recv(1); print(n * 8 / (time.perf_counter() - t0) / 1e9)
+c.shutdown(socket.SHUT_WR); c.recv(1); print(n * 8 / (time.perf_counter() - t0) / 1e9, flush=True)
 """
 
 
-def measure_link(topo: Topology) -> float:
-    """Gbit/s of one plain TCP stream from host 1 to host 0 through the shaped links:
-    what the emulated link really delivers (token-bucket shaping loses a little)."""
-    sink = subprocess.Popen(["ip", "netns", "exec", topo.hosts[0], sys.executable, "-c", _SINK],
-                            stdout=subprocess.PIPE, text=True)
+def measure_streams(topo: Topology, pairs: List[Tuple[int, int]]) -> List[float]:
+    """Gbit/s of plain TCP streams (source host, sink host), all sending at once for 2 s
+    through the shaped links: what the emulated network really delivers (token-bucket
+    shaping and the hosts sharing the machine's CPUs lose a little)."""
+    procs: List[subprocess.Popen] = []
+
+    def start(host: int, code: str, *args: str) -> subprocess.Popen:
+        p = subprocess.Popen(["ip", "netns", "exec", topo.hosts[host], sys.executable, "-c", code, *args],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        procs.append(p)
+        return p
+
     try:
-        sink.stdout.readline()  # "ready": listening
-        out = subprocess.run(["ip", "netns", "exec", topo.hosts[1], sys.executable, "-c", _SOURCE, topo.ip_of(0)],
-                             capture_output=True, text=True, timeout=60, check=True)
-        return float(out.stdout.strip())
+        for sink in [start(dst, _SINK) for dst in sorted({d for _, d in pairs})]:
+            sink.stdout.readline()  # "ready": listening
+        sources = [start(src, _SOURCE, topo.ip_of(dst)) for src, dst in pairs]
+        for p in sources:
+            if p.stdout.readline().strip() != "connected":
+                raise RuntimeError("measuring the links: a test stream could not connect")
+        for p in sources:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        return [float(p.communicate(timeout=60)[0].strip()) for p in sources]
     finally:
-        sink.kill()
-        sink.wait()
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def measure_link(topo: Topology) -> Tuple[float, List[float]]:
+    """One stream alone (host 1 -> host 0), then every host sending to its right
+    neighbour at once: the traffic pattern of a ring, without its data dependencies."""
+    n = len(topo.hosts)
+    alone = measure_streams(topo, [(1, 0)])[0]
+    ring = measure_streams(topo, [(i, (i + 1) % n) for i in range(n)]) if n > 2 else []
+    return alone, ring
 
 
 def run_job(topo: Topology, nproc_per_host: int, bench_args: List[str], json_path: str, timeout: float) -> str:
@@ -416,6 +484,18 @@ def bound_table(rows: List[dict], rate_gbit: float) -> str:
         lines.append(f"{r['size_bytes']:>10} {r['backend']:>8} {r['placement']:>12} {r['time_us']:>11.0f} "
                      f"{r['busbw_GBps']:>11.4f} {bound_us:>10.0f} {bound_us / r['time_us']:>8.1%} {r['wrong']:>6}")
         r["fraction_of_link_bound"] = bound_us / r["time_us"]
+    return "\n".join(lines)
+
+
+def stats_summary(stats: List[dict]) -> str:
+    """One line per host from Topology.link_stats()."""
+    lines = []
+    for h in stats:
+        tcp = h["tcp"]
+        q = "; ".join(f"{k} {h[k]['packets']} packets, {h[k]['drops']} dropped" if h.get(k) else f"{k} unknown"
+                      for k in ("egress", "ingress"))
+        lines.append(f"host {h['host']}: {q}; TCP {tcp.get('TcpOutSegs', 0)} segments out, "
+                     f"{tcp.get('TcpRetransSegs', 0)} retransmitted, {tcp.get('TcpExtTCPTimeouts', 0)} timeouts")
     return "\n".join(lines)
 
 
@@ -479,6 +559,7 @@ def run_fault_job(topo: Topology, a: argparse.Namespace) -> dict:
         # Whatever still runs on the emulated hosts after the job's own processes were
         # reaped (down() will end it, but it should not be there).
         report["processes_left"] = topo.pids()
+        report["link_stats"] = topo.link_stats()
     return report
 
 
@@ -519,7 +600,7 @@ def fault_summary(report: dict) -> str:
 
 
 def fault_main(a: argparse.Namespace) -> int:
-    topo = Topology(a.hosts, a.rate_gbit, a.burst_bytes, a.mtu)
+    topo = Topology(a.hosts, a.rate_gbit, a.burst_bytes, a.mtu, a.congestion_control)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     report = None
     try:
@@ -534,6 +615,7 @@ def fault_main(a: argparse.Namespace) -> int:
         return 1
     report["namespaces_left"] = topo.left_behind()
     print(fault_summary(report))
+    print(stats_summary(report["link_stats"]))
     if a.out_json:
         with open(a.out_json, "w") as f:
             json.dump(report, f, indent=1)
@@ -555,6 +637,11 @@ def main() -> int:
                     help="token bucket depth (default 256 KiB, 1 ms at 2 Gbit/s: the smallest with which one TCP "
                          "stream gets ~98%% of the rate here; smaller buckets lose throughput to timer slack)")
     ap.add_argument("--mtu", type=int, default=9000, help="link MTU (default 9000, jumbo frames)")
+    ap.add_argument("--congestion-control", metavar="ALG", default="cubic",
+                    help="TCP congestion control of the emulated hosts (default cubic, the kernel's own default; "
+                         "see /proc/sys/net/ipv4/tcp_available_congestion_control). With bbr, veth's microsecond "
+                         "round trips make even plain TCP streams in a ring pattern lose 1-5%% of the rate here "
+                         "(bench/results/emulated_4hosts_2gbit.md)")
     ap.add_argument("--sizes", default="1M,16M,64M")
     ap.add_argument("--iters", type=int, default=None,
                     help="timed calls per cell (default: ringcc bench's choice for about --target-seconds)")
@@ -607,7 +694,7 @@ def main() -> int:
 
 
 def bench_main(a: argparse.Namespace) -> int:
-    topo = Topology(a.hosts, a.rate_gbit, a.burst_bytes, a.mtu)
+    topo = Topology(a.hosts, a.rate_gbit, a.burst_bytes, a.mtu, a.congestion_control)
     # SIGTERM (e.g. from a test's timeout) must still tear the namespaces down.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     bench_args = ["-c", "allreduce", "--sizes", a.sizes, "--warmup", "1", "--target-seconds", str(a.target_seconds),
@@ -618,7 +705,10 @@ def bench_main(a: argparse.Namespace) -> int:
         try:
             topo.up()
             link_gbit = measure_link(topo)
+            cc = sh("ip", "netns", "exec", topo.hosts[0], "sysctl", "-n", "net.ipv4.tcp_congestion_control",
+                    check=False).stdout.strip() or "unknown"
             table = run_job(topo, a.nproc_per_host, bench_args, json_path, a.timeout)
+            stats = topo.link_stats()
         except (RuntimeError, subprocess.CalledProcessError, KeyboardInterrupt) as exc:
             detail = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else str(exc)
             print(f"emulate_hosts: {type(exc).__name__}: {detail}", file=sys.stderr)
@@ -629,12 +719,20 @@ def bench_main(a: argparse.Namespace) -> int:
             rows = json.load(f)
     summary = bound_table(rows, a.rate_gbit)
     header = (f"{a.hosts} emulated hosts x {a.nproc_per_host} rank(s), {a.rate_gbit:g} Gbit/s per link and "
-              f"direction (tc tbf, burst {a.burst_bytes} B, MTU {a.mtu}), fraction of t = 2(n-1)/n * S / B")
-    header += f"; one TCP stream measured {link_gbit:.3f} Gbit/s ({link_gbit / a.rate_gbit:.1%} of the rate)"
+              f"direction (tc tbf, burst {a.burst_bytes} B, MTU {a.mtu}, TCP {cc}), fraction of t = 2(n-1)/n * S / B")
+    alone, ring = link_gbit
+    header += f"; one TCP stream alone measured {alone:.3f} Gbit/s ({alone / a.rate_gbit:.1%} of the rate)"
+    if ring:
+        header += (f"; {len(ring)} streams at once, each host to its right neighbour: "
+                   f"{min(ring):.3f}-{max(ring):.3f} Gbit/s ({min(ring) / a.rate_gbit:.1%}-"
+                   f"{max(ring) / a.rate_gbit:.1%})")
     print(table)
     print()
     print("# " + header)
     print(summary)
+    print()
+    print("# the links over the whole job (the bench, its warm-up and the other backend)")
+    print(stats_summary(stats))
     if a.out_json:
         with open(a.out_json, "w") as f:
             json.dump(rows, f, indent=1)
@@ -644,7 +742,8 @@ def bench_main(a: argparse.Namespace) -> int:
         with open(a.out_md, "w") as f:
             f.write(f"# ringcc vs gloo on emulated hosts\n\n- date (UTC): {started:%Y-%m-%d %H:%M}\n"
                     f"- setup: {header}\n- machine: {os.cpu_count()} CPUs (all hosts share them)\n"
-                    f"- command: `{cmd}`\n\n```\n{summary}\n```\n\nFull bench output:\n\n```\n{table.strip()}\n```\n")
+                    f"- command: `{cmd}`\n\n```\n{summary}\n```\n\nThe links over the whole job:\n\n"
+                    f"```\n{stats_summary(stats)}\n```\n\nFull bench output:\n\n```\n{table.strip()}\n```\n")
     return 1 if any(r.get("wrong") or r.get("time_us") is None for r in rows) else 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +33,8 @@ def test_emulated_hosts_run_and_clean_up(tmp_path):
     before = _namespaces()
     out = tmp_path / "rows.json"
     proc = subprocess.run([sys.executable, str(HARNESS), "--hosts", "3", "--rate-gbit", "1", "--sizes", "256K,1M",
-                           "--iters", "2", "--burst-bytes", str(BURST), "--out-json", str(out)],
+                           "--iters", "2", "--burst-bytes", str(BURST), "--congestion-control", "reno",
+                           "--out-json", str(out)],
                           capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     if proc.returncode == SKIP:
         pytest.skip(proc.stderr.strip())
@@ -50,6 +52,12 @@ def test_emulated_hosts_run_and_clean_up(tmp_path):
         floor_us = max(0.0, per_link - BURST) / (1e9 / 8) * 1e6
         assert r["fraction_of_link_bound"] > 0 and r["time_us"] >= floor_us, (floor_us, r)
     assert "of bound" in proc.stdout
+    # The hosts ran the congestion control asked for, the links were measured alone and
+    # in the ring's pattern, and every host's shaper and TCP counters were reported.
+    assert "TCP reno" in proc.stdout and "3 streams at once" in proc.stdout, proc.stdout[-3000:]
+    for h in range(3):
+        m = re.search(rf"^host {h}: egress (\d+) packets, (\d+) dropped", proc.stdout, re.MULTILINE)
+        assert m and int(m.group(1)) > 0, proc.stdout[-3000:]
 
 
 @pytest.mark.slow

@@ -139,6 +139,15 @@ def test_cut_link_fails_every_rank_with_a_clear_error_within_the_timeout(tmp_pat
     assert any(re.search(rf"(from|to) rank {cut_host}\b", m) for m in survivors), survivors
     victim = _error(report["ranks"][cut_host])
     assert victim["type"] == "TimeoutError" and victim["message"].startswith(f"rank {cut_host}: allreduce"), victim
+    # The harness's link statistics are read from the hosts' own counters: every shaper
+    # carried the run's traffic, and the cut left data unacknowledged, so some host's
+    # TCP retransmitted it.
+    stats = report["link_stats"]
+    assert [h["host"] for h in stats] == [0, 1, 2, 3], stats
+    for h in stats:
+        assert h["egress"]["packets"] > at_step and h["ingress"]["packets"] > at_step, h
+        assert h["tcp"]["TcpOutSegs"] >= h["egress"]["packets"] // 2, h
+    assert sum(h["tcp"]["TcpRetransSegs"] for h in stats) > 0, stats
 
 
 @pytest.mark.slow
