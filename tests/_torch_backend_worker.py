@@ -170,6 +170,50 @@ def check_collectives(c: Checks) -> None:
         assert_same(a, b, "all_reduce complex64")
     c.run("allreduce/complex64", allreduce_complex)
 
+    # ringcc's own out-of-place all_reduce: output gets the reduction, input is left as it
+    # was; every dtype and op against gloo's in-place result on a copy.
+    for dtype in FLOATS + INTS:
+        def allreduce_into(dtype=dtype):
+            pg = dist.group.WORLD
+            for op in FLOAT_OPS if dtype.is_floating_point else INT_OPS:
+                x = values((1003,), dtype, seed + 30, *((-2, 3) if op == R.PRODUCT else (-4, 5)))
+                kept = x.clone()
+                want = x.clone()
+                dist.all_reduce(want, op=op, group=GLOO)
+                out = torch.full_like(x, 7)
+                work = pg.allreduce_into(out, x, op)
+                assert work.wait() is True and work.get_future().wait()[0] is out
+                tol = torch.finfo(dtype).eps if op == R.AVG else 0.0
+                assert_same(out, want, f"allreduce_into {dtype} {op}", rtol=tol, atol=tol)
+                assert torch.equal(x, kept), f"allreduce_into {dtype} {op} wrote its input"
+        c.run(f"allreduce_into/{str(dtype)[6:]}", allreduce_into)
+
+    def allreduce_into_layouts():
+        pg = dist.group.WORLD
+        x = values((6, 10), torch.float32, seed + 31)
+        want = x.clone()
+        dist.all_reduce(want, group=GLOO)
+        # blocking, op by name, into a non-contiguous output
+        out = torch.zeros(10, 6).t()
+        assert not out.is_contiguous()
+        pg.allreduce_into(out, x.clone(), "sum", async_op=False)
+        assert_same(out, want, "allreduce_into non-contiguous output")
+        # output is input: in place
+        y = x.clone()
+        pg.allreduce_into(y, y).wait()
+        assert_same(y, want, "allreduce_into in place")
+        # bad arguments raise at the call, name what is wrong, and queue nothing
+        for bad_out, inp, needle in [(torch.zeros(59), x, "(59,)"), (torch.zeros(6, 10, dtype=torch.float64), x, "float64"),
+                                     (y.view(-1)[1:], y.view(-1)[:-1], "overlaps")]:
+            try:
+                pg.allreduce_into(bad_out, inp)
+            except ValueError as exc:
+                assert needle in str(exc) and f"rank {rank}" in str(exc), exc
+            else:
+                raise AssertionError(f"allreduce_into accepted {needle}")
+        dist.barrier()
+    c.run("allreduce_into/layouts", allreduce_into_layouts)
+
     def allreduce_coalesced():
         xs = [values((5,), torch.float32, seed + 7), values((3, 2), torch.float32, seed + 8)]
         want = [x.clone() for x in xs]

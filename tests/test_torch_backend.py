@@ -147,6 +147,10 @@ def test_collective_matches_gloo(results, topic):
     _assert_checks(results, topic)
 
 
+def test_allreduce_into_is_out_of_place_and_matches_gloo(results):
+    _assert_checks(results, "allreduce_into")
+
+
 def test_every_dtype_and_op_gloo_supports_was_compared(results):
     names = set(results[0])
     for dtype in ["float32", "float64", "float16", "bfloat16"]:

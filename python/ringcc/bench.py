@@ -19,8 +19,10 @@ timed ones. ``ratio`` is the baseline backend's time divided by this backend's.
 Placements: *in-place* aliases input and output as torch allows (all_reduce and broadcast
 are always in place; the input of all_gather_into_tensor is this rank's slice of the
 output, the output of reduce_scatter_tensor this rank's slice of the input).
-*Out-of-place* uses separate buffers; torch has no out-of-place all_reduce or broadcast, so
-there it is ``out.copy_(inp)`` followed by the in-place call, for every backend alike.
+*Out-of-place* uses separate buffers. torch has no out-of-place all_reduce or broadcast, so
+there it is ``out.copy_(inp)`` followed by the in-place call, except for an uncompressed
+all_reduce on a ringcc group, which has its own out-of-place call
+(``allreduce_into(out, inp)``: the input is read where it is and never copied) and uses it.
 torch defines no in-place all_to_all_single, so that cell is left empty.
 """
 
@@ -307,6 +309,7 @@ class Cell:
 
         d, n, r = data, data.world, data.rank
         self.data = d
+        self.in_place = in_place
         self.wire_dtype = None if compression == "none" else {"fp16": torch.float16, "bf16": torch.bfloat16}[compression]
         kw = dict(dtype=d.dtype, device=d.device)
         op = _reduce_op(d.op)
@@ -323,9 +326,14 @@ class Cell:
             self.inp, self.out = torch.empty(d.count, **kw), torch.empty(d.count, **kw)
             self.call = lambda: dist.all_to_all_single(self.out, self.inp, group=group)
         else:
-            # all_reduce / broadcast exist in place only; out-of-place copies first.
+            # all_reduce / broadcast exist in place only in torch; out-of-place copies first,
+            # except on a ringcc group, whose allreduce_into reads the input where it is.
             self.out = torch.empty(d.count, **kw)
             self.inp = self.out if in_place else torch.empty(d.count, **kw)
+            if coll == "allreduce" and compression == "none" and not in_place and hasattr(group, "allreduce_into"):
+                self.call = lambda: group.allreduce_into(self.out, self.inp, op, async_op=False)
+                self.refill()
+                return
             if coll == "allreduce" and compression != "none":
                 run = lambda: group.allreduce_compressed(self.out, compression, d.op, async_op=False)  # noqa: E731
             elif coll == "allreduce":
@@ -347,6 +355,10 @@ class Cell:
 
     def verify(self) -> int:
         self.refill()
+        if not self.in_place:
+            # The timed calls left the right answer in a separate output: a call that
+            # does not write it must not pass.
+            self.out.fill_(-7)
         self.call()
         return self.data.count_wrong(self.out, self.wire_dtype)
 

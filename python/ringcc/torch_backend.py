@@ -442,6 +442,34 @@ class RingccProcessGroup(dist.ProcessGroup):
         return self._launch("allreduce", opts, [t], lambda **kw: self._comm.allreduce(buf, op, **kw),
                             _copy_back(t, buf, staged))
 
+    def allreduce_into(self, output: torch.Tensor, input: torch.Tensor, op: Any = "sum",
+                       async_op: bool = True):
+        """ringcc's own out-of-place allreduce: ``output`` receives the reduction of every
+        rank's ``input``, which is only read. torch's ``all_reduce`` works in place, so an
+        out-of-place result otherwise costs a copy of the input first; here the ring
+        folds the input in as it goes and never copies it. ``op``: a ``dist.ReduceOp`` or
+        its name ("sum", "avg", "min", ...). ``output`` may be ``input`` (in place), but
+        may not overlap it otherwise. Returns a Work whose future holds ``[output]``."""
+        out = _check_tensor(output, "allreduce_into output")
+        inp = _check_tensor(input, "allreduce_into input")
+        if out.dtype != inp.dtype or out.shape != inp.shape:
+            raise ValueError(f"ringcc allreduce_into: rank {self._rank}: output and input must match, got output "
+                             f"{tuple(out.shape)} {out.dtype} and input {tuple(inp.shape)} {inp.dtype}")
+        code = op if isinstance(op, str) else _reduce_op(op)
+        src, _ = _staged(inp)
+        if out.data_ptr() == inp.data_ptr() and out.stride() == inp.stride():
+            dst, staged = src, False
+        else:
+            lo, hi = out.data_ptr(), out.data_ptr() + out.numel() * out.element_size()
+            ilo, ihi = inp.data_ptr(), inp.data_ptr() + inp.numel() * inp.element_size()
+            if out.numel() and inp.numel() and lo < ihi and ilo < hi:
+                raise ValueError(f"ringcc allreduce_into: rank {self._rank}: output overlaps input without being "
+                                 f"the same tensor")
+            dst, staged = _staged(out)
+        return self._launch("allreduce_into", None, [out],
+                            lambda **kw: self._comm.allreduce(src, code, out=dst, **kw),
+                            _copy_back(out, dst, staged), async_op=async_op)
+
     def allreduce_compressed(self, tensor: torch.Tensor, compression: str, op: str = "avg",
                              async_op: bool = True):
         """ringcc's own: allreduce a float32 tensor with fp16 or bf16 on the wire and float32
