@@ -202,6 +202,16 @@ def check_collectives(c: Checks) -> None:
         y = x.clone()
         pg.allreduce_into(y, y).wait()
         assert_same(y, want, "allreduce_into in place")
+        # compressed: the same bits as the in-place compressed call, input left alone
+        for wire in ("fp16", "bf16"):
+            g = torch.Generator().manual_seed(seed + 32)
+            z = torch.randn(5000, generator=g) * 1e3
+            kept, same = z.clone(), z.clone()
+            pg.allreduce_compressed(same, wire, op="avg").wait()
+            out = torch.full_like(z, float("nan"))
+            pg.allreduce_into(out, z, "avg", compression=wire).wait()
+            assert torch.equal(out, same), f"allreduce_into {wire} differs from allreduce_compressed"
+            assert torch.equal(z, kept), f"allreduce_into {wire} wrote its input"
         # bad arguments raise at the call, name what is wrong, and queue nothing
         for bad_out, inp, needle in [(torch.zeros(59), x, "(59,)"), (torch.zeros(6, 10, dtype=torch.float64), x, "float64"),
                                      (y.view(-1)[1:], y.view(-1)[:-1], "overlaps")]:

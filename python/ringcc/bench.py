@@ -20,8 +20,8 @@ Placements: *in-place* aliases input and output as torch allows (all_reduce and 
 are always in place; the input of all_gather_into_tensor is this rank's slice of the
 output, the output of reduce_scatter_tensor this rank's slice of the input).
 *Out-of-place* uses separate buffers. torch has no out-of-place all_reduce or broadcast, so
-there it is ``out.copy_(inp)`` followed by the in-place call, except for an uncompressed
-all_reduce on a ringcc group, which has its own out-of-place call
+there it is ``out.copy_(inp)`` followed by the in-place call, except for all_reduce on a
+ringcc group (compressed or not), which has its own out-of-place call
 (``allreduce_into(out, inp)``: the input is read where it is and never copied) and uses it.
 torch defines no in-place all_to_all_single, so that cell is left empty.
 """
@@ -330,8 +330,9 @@ class Cell:
             # except on a ringcc group, whose allreduce_into reads the input where it is.
             self.out = torch.empty(d.count, **kw)
             self.inp = self.out if in_place else torch.empty(d.count, **kw)
-            if coll == "allreduce" and compression == "none" and not in_place and hasattr(group, "allreduce_into"):
-                self.call = lambda: group.allreduce_into(self.out, self.inp, op, async_op=False)
+            if coll == "allreduce" and not in_place and hasattr(group, "allreduce_into"):
+                wire = None if compression == "none" else compression
+                self.call = lambda: group.allreduce_into(self.out, self.inp, op, async_op=False, compression=wire)
                 self.refill()
                 return
             if coll == "allreduce" and compression != "none":

@@ -443,13 +443,15 @@ class RingccProcessGroup(dist.ProcessGroup):
                             _copy_back(t, buf, staged))
 
     def allreduce_into(self, output: torch.Tensor, input: torch.Tensor, op: Any = "sum",
-                       async_op: bool = True):
+                       async_op: bool = True, compression: Optional[str] = None):
         """ringcc's own out-of-place allreduce: ``output`` receives the reduction of every
         rank's ``input``, which is only read. torch's ``all_reduce`` works in place, so an
         out-of-place result otherwise costs a copy of the input first; here the ring
         folds the input in as it goes and never copies it. ``op``: a ``dist.ReduceOp`` or
-        its name ("sum", "avg", "min", ...). ``output`` may be ``input`` (in place), but
-        may not overlap it otherwise. Returns a Work whose future holds ``[output]``."""
+        its name ("sum", "avg", "min", ...). ``compression="fp16"|"bf16"`` as in
+        ``allreduce_compressed`` (float32, sum or avg). ``output`` may be ``input`` (in
+        place), but may not overlap it otherwise. Returns a Work whose future holds
+        ``[output]``."""
         out = _check_tensor(output, "allreduce_into output")
         inp = _check_tensor(input, "allreduce_into input")
         if out.dtype != inp.dtype or out.shape != inp.shape:
@@ -467,7 +469,7 @@ class RingccProcessGroup(dist.ProcessGroup):
                                  f"the same tensor")
             dst, staged = _staged(out)
         return self._launch("allreduce_into", None, [out],
-                            lambda **kw: self._comm.allreduce(src, code, out=dst, **kw),
+                            lambda **kw: self._comm.allreduce(src, code, out=dst, compression=compression, **kw),
                             _copy_back(out, dst, staged), async_op=async_op)
 
     def allreduce_compressed(self, tensor: torch.Tensor, compression: str, op: str = "avg",

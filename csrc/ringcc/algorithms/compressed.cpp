@@ -41,6 +41,7 @@ Partition block_partition(size_t count, int n) {
 struct CompressedRing {
   OpContext& ctx;
   float* acc;          // the result, accumulated in fp32
+  const float* input;  // this rank's contribution: acc itself, or the out-of-place input
   char* rs_wire;       // encoded image of the buffer for the reduce-scatter
   char* ag_wire;       // ... and for the allgather
   const Partition& part;
@@ -64,10 +65,18 @@ struct CompressedRing {
   void decode(char* wire, int c, size_t k, bool accumulate) const {
     kernels::decompress(acc + first(c, k), image(wire, c, k), length(c, k), wire_type, accumulate);
   }
+  // The segment's own contribution, encoded straight from the input.
+  void encode_input(int c, size_t k) const {
+    kernels::compress(image(rs_wire, c, k), input + first(c, k), length(c, k), wire_type);
+  }
 
   // A partial sum arrived in reduce-scatter step s: fold it in, then either re-encode
   // it for the next hop or, for the rank's own chunk, finish it for the allgather.
+  // Out of place, the input segment is copied into acc only now, while it is about to
+  // be read again: no pass over the whole buffer up front.
   void reduced(int s, int c, size_t k) const {
+    if (input != acc && length(c, k))
+      std::memcpy(acc + first(c, k), input + first(c, k), length(c, k) * sizeof(float));
     decode(rs_wire, c, k, /*accumulate=*/true);
     if (s < ctx.size() - 2) {
       encode(rs_wire, c, k);
@@ -107,13 +116,16 @@ struct AllgatherLayout {
 
 void compressed_allreduce(OpContext& ctx, const OpDesc& d, const Tuning& t, Scratch& s) {
   float* acc = static_cast<float*>(d.out);
-  if (d.in != d.out && d.count) std::memmove(acc, d.in, d.count * sizeof(float));
   const int n = ctx.size(), r = ctx.rank();
-  if (n == 1) return;  // nothing travels, so nothing is rounded
+  if (n == 1) {  // nothing travels, so nothing is rounded
+    if (d.in != d.out && d.count) std::memmove(acc, d.in, d.count * sizeof(float));
+    return;
+  }
   const Partition part = block_partition(d.count, n);
   const size_t image_bytes = (d.count + kBlock - 1) / kBlock * kBlockWire;
   CompressedRing ring{ctx,
                       acc,
+                      static_cast<const float*>(d.in),
                       s.get(0, image_bytes),
                       s.get(1, image_bytes),
                       part,
@@ -122,7 +134,7 @@ void compressed_allreduce(OpContext& ctx, const OpDesc& d, const Tuning& t, Scra
                       d.op == ReduceOp::kAvg};
   // This rank's contribution to the chunk it sends first is encoded up front.
   const int first_chunk = rs_send_chunk(r, 0, n);
-  for (size_t k = 0, m = ring.segs(first_chunk).count; k < m; ++k) ring.encode(ring.rs_wire, first_chunk, k);
+  for (size_t k = 0, m = ring.segs(first_chunk).count; k < m; ++k) ring.encode_input(first_chunk, k);
 
   std::vector<Transfer> v;
   ReduceScatterLayout rs{ring};
