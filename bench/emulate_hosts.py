@@ -20,8 +20,8 @@ lists each host's shaper and TCP counters (packets, drops, retransmissions).
 
 The hosts' TCP congestion control is cubic (the kernel's default) unless
 --congestion-control names another: the machine's own choice does not leak into the
-emulated hosts. (Under bbr the veth links' microsecond round trips make plain streams
-in the ring pattern fall to about 95% of the rate here.)
+emulated hosts. (Under bbr the veth links' microsecond round trips made plain streams
+in the ring pattern fall to 85-98% of the rate here.)
 
     sudo python3 bench/emulate_hosts.py --hosts 4 --rate-gbit 2 --sizes 1M,16M,64M \\
         --out-md bench/results/emulated_4hosts_2gbit.md
@@ -640,7 +640,7 @@ def main() -> int:
     ap.add_argument("--congestion-control", metavar="ALG", default="cubic",
                     help="TCP congestion control of the emulated hosts (default cubic, the kernel's own default; "
                          "see /proc/sys/net/ipv4/tcp_available_congestion_control). With bbr, veth's microsecond "
-                         "round trips make even plain TCP streams in a ring pattern lose 1-5%% of the rate here "
+                         "round trips made even plain TCP streams in a ring pattern lose 2-15%% of the rate here "
                          "(bench/results/emulated_4hosts_2gbit.md)")
     ap.add_argument("--sizes", default="1M,16M,64M")
     ap.add_argument("--iters", type=int, default=None,
@@ -704,7 +704,7 @@ def bench_main(a: argparse.Namespace) -> int:
         json_path = os.path.join(tmp, "rows.json")
         try:
             topo.up()
-            link_gbit = measure_link(topo)
+            alone, ring = measure_link(topo)
             cc = sh("ip", "netns", "exec", topo.hosts[0], "sysctl", "-n", "net.ipv4.tcp_congestion_control",
                     check=False).stdout.strip() or "unknown"
             table = run_job(topo, a.nproc_per_host, bench_args, json_path, a.timeout)
@@ -720,7 +720,6 @@ def bench_main(a: argparse.Namespace) -> int:
     summary = bound_table(rows, a.rate_gbit)
     header = (f"{a.hosts} emulated hosts x {a.nproc_per_host} rank(s), {a.rate_gbit:g} Gbit/s per link and "
               f"direction (tc tbf, burst {a.burst_bytes} B, MTU {a.mtu}, TCP {cc}), fraction of t = 2(n-1)/n * S / B")
-    alone, ring = link_gbit
     header += f"; one TCP stream alone measured {alone:.3f} Gbit/s ({alone / a.rate_gbit:.1%} of the rate)"
     if ring:
         header += (f"; {len(ring)} streams at once, each host to its right neighbour: "
@@ -731,7 +730,7 @@ def bench_main(a: argparse.Namespace) -> int:
     print("# " + header)
     print(summary)
     print()
-    print("# the links over the whole job (the bench, its warm-up and the other backend)")
+    print("# the links over the whole job (every backend's cells and warm-up)")
     print(stats_summary(stats))
     if a.out_json:
         with open(a.out_json, "w") as f:

@@ -458,9 +458,9 @@ class RingccProcessGroup(dist.ProcessGroup):
             raise ValueError(f"ringcc allreduce_into: rank {self._rank}: output and input must match, got output "
                              f"{tuple(out.shape)} {out.dtype} and input {tuple(inp.shape)} {inp.dtype}")
         code = op if isinstance(op, str) else _reduce_op(op)
-        src, _ = _staged(inp)
+        src, src_staged = _staged(inp)
         if out.data_ptr() == inp.data_ptr() and out.stride() == inp.stride():
-            dst, staged = src, False
+            dst, staged = src, src_staged  # in place: a staged copy is copied back
         else:
             lo, hi = out.data_ptr(), out.data_ptr() + out.numel() * out.element_size()
             ilo, ihi = inp.data_ptr(), inp.data_ptr() + inp.numel() * inp.element_size()
