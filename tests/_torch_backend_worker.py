@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import faulthandler
+import gc
 import importlib
 import json
 import sys
@@ -198,10 +199,13 @@ def check_collectives(c: Checks) -> None:
         assert not out.is_contiguous()
         pg.allreduce_into(out, x.clone(), "sum", async_op=False)
         assert_same(out, want, "allreduce_into non-contiguous output")
-        # output is input: in place
+        # output is input: in place, also for a non-contiguous tensor
         y = x.clone()
         pg.allreduce_into(y, y).wait()
         assert_same(y, want, "allreduce_into in place")
+        yt = x.clone().t()
+        pg.allreduce_into(yt, yt).wait()
+        assert_same(yt, want.t(), "allreduce_into in place, non-contiguous")
         # compressed: the same bits as the in-place compressed call, input left alone
         for wire in ("fp16", "bf16"):
             g = torch.Generator().manual_seed(seed + 32)
@@ -617,7 +621,12 @@ def destroy_groups(*worker_modules) -> None:
     for module in worker_modules:
         module.GLOO = None
     GLOO = None
+    # A group can also be held by a reference cycle (a wrapper and its strategy), which
+    # only the collector frees: free it now, while the threads can still take the GIL,
+    # and again after the registry has let go of the groups.
+    gc.collect()
     dist.destroy_process_group()
+    gc.collect()
 
 
 def main() -> int:
