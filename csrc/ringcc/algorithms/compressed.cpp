@@ -59,15 +59,12 @@ struct CompressedRing {
   Transfer recv(char* wire, int c, size_t k) const {
     return Transfer::recv(-1, image(wire, c, k), kernels::compressed_bytes(length(c, k)));
   }
-  void encode(char* wire, int c, size_t k) const {
-    kernels::compress(image(wire, c, k), acc + first(c, k), length(c, k), wire_type);
+  // Segment k of chunk c of `from` (acc, or the input) into its place in `wire`.
+  void encode(char* wire, const float* from, int c, size_t k) const {
+    kernels::compress(image(wire, c, k), from + first(c, k), length(c, k), wire_type);
   }
   void decode(char* wire, int c, size_t k, bool accumulate) const {
     kernels::decompress(acc + first(c, k), image(wire, c, k), length(c, k), wire_type, accumulate);
-  }
-  // The segment's own contribution, encoded straight from the input.
-  void encode_input(int c, size_t k) const {
-    kernels::compress(image(rs_wire, c, k), input + first(c, k), length(c, k), wire_type);
   }
 
   // A partial sum arrived in reduce-scatter step s: fold it in, then either re-encode
@@ -79,11 +76,11 @@ struct CompressedRing {
       std::memcpy(acc + first(c, k), input + first(c, k), length(c, k) * sizeof(float));
     decode(rs_wire, c, k, /*accumulate=*/true);
     if (s < ctx.size() - 2) {
-      encode(rs_wire, c, k);
+      encode(rs_wire, acc, c, k);
       return;
     }
     if (average && length(c, k)) kernels::divide(acc + first(c, k), length(c, k), DataType::kFloat32, ctx.size());
-    encode(ag_wire, c, k);
+    encode(ag_wire, acc, c, k);
     decode(ag_wire, c, k, /*accumulate=*/false);
   }
 };
@@ -132,9 +129,11 @@ void compressed_allreduce(OpContext& ctx, const OpDesc& d, const Tuning& t, Scra
                       std::max<size_t>(1, t.segment_bytes / kBlockWire) * kBlock,
                       wire_type(d.compression),
                       d.op == ReduceOp::kAvg};
-  // This rank's contribution to the chunk it sends first is encoded up front.
+  // This rank's contribution to the chunk it sends first is encoded up front, straight
+  // from the input.
   const int first_chunk = rs_send_chunk(r, 0, n);
-  for (size_t k = 0, m = ring.segs(first_chunk).count; k < m; ++k) ring.encode_input(first_chunk, k);
+  for (size_t k = 0, m = ring.segs(first_chunk).count; k < m; ++k)
+    ring.encode(ring.rs_wire, ring.input, first_chunk, k);
 
   std::vector<Transfer> v;
   ReduceScatterLayout rs{ring};
