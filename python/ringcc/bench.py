@@ -330,11 +330,6 @@ class Cell:
             # except on a ringcc group, whose allreduce_into reads the input where it is.
             self.out = torch.empty(d.count, **kw)
             self.inp = self.out if in_place else torch.empty(d.count, **kw)
-            if coll == "allreduce" and not in_place and hasattr(group, "allreduce_into"):
-                wire = None if compression == "none" else compression
-                self.call = lambda: group.allreduce_into(self.out, self.inp, op, async_op=False, compression=wire)
-                self.refill()
-                return
             if coll == "allreduce" and compression != "none":
                 run = lambda: group.allreduce_compressed(self.out, compression, d.op, async_op=False)  # noqa: E731
             elif coll == "allreduce":
@@ -344,6 +339,9 @@ class Cell:
                 run = lambda: dist.broadcast(self.out, src=root, group=group)  # noqa: E731
             if in_place:
                 self.call = run
+            elif coll == "allreduce" and hasattr(group, "allreduce_into"):
+                wire = None if compression == "none" else compression
+                self.call = lambda: group.allreduce_into(self.out, self.inp, op, async_op=False, compression=wire)
             else:
                 def call():
                     self.out.copy_(self.inp)
