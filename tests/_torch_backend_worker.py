@@ -119,6 +119,14 @@ def values(shape, dtype, seed: int, lo: int = -4, hi: int = 5) -> torch.Tensor:
     return torch.randint(lo, hi, shape, generator=g).to(dtype)
 
 
+def op_values(shape, dtype, seed: int, op) -> torch.Tensor:
+    """values() in a range where `op` stays exact: small for PRODUCT, wide bit patterns
+    for the bitwise ops (from seed + 1)."""
+    if op in (R.BAND, R.BOR, R.BXOR):
+        return values(shape, dtype, seed + 1, 0, 1 << 20)
+    return values(shape, dtype, seed, *((-2, 3) if op == R.PRODUCT else (-4, 5)))
+
+
 def both(fn, *tensors):
     """Run fn(group, *copies) on ringcc (the default group) and gloo; return both copies."""
     mine = [t.clone() for t in tensors]
@@ -140,9 +148,7 @@ def check_collectives(c: Checks) -> None:
     for dtype in FLOATS + INTS:
         for op in FLOAT_OPS if dtype.is_floating_point else INT_OPS:
             def allreduce(dtype=dtype, op=op):
-                x = values((37,), dtype, seed + 1, *((-2, 3) if op == R.PRODUCT else (-4, 5)))
-                if op in (R.BAND, R.BOR, R.BXOR):
-                    x = values((37,), dtype, seed + 2, 0, 1 << 20)
+                x = op_values((37,), dtype, seed + 1, op)
                 (a,), (b,) = both(lambda g, t: dist.all_reduce(t, op=op, group=g), x)
                 tol = torch.finfo(dtype).eps if op == R.AVG else 0.0
                 assert_same(a, b, f"all_reduce {dtype} {op}", rtol=tol, atol=tol)
@@ -177,7 +183,7 @@ def check_collectives(c: Checks) -> None:
         def allreduce_into(dtype=dtype):
             pg = dist.group.WORLD
             for op in FLOAT_OPS if dtype.is_floating_point else INT_OPS:
-                x = values((1003,), dtype, seed + 30, *((-2, 3) if op == R.PRODUCT else (-4, 5)))
+                x = op_values((1003,), dtype, seed + 30, op)
                 kept = x.clone()
                 want = x.clone()
                 dist.all_reduce(want, op=op, group=GLOO)
